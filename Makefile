@@ -1,0 +1,43 @@
+# Two commands on a fresh machine: `make demo` (the real MovieLens-100K run) and `make test`.
+# Both create .venv, install the pinned torch and build the extension with its CUDA kernels
+# when a CUDA toolkit is found (setup.py locates it; S2META_CUDA=0 skips them).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH_SPEC ?= torch==2.14.1
+# No GPU is visible here, so name the architecture for the CUDA kernels to compile for.
+export TORCH_CUDA_ARCH_LIST ?= 9.0
+export MAX_JOBS ?= 2
+DEMO_OUT ?= runs/demo
+DEMO_ARGS ?= --dataset ml100k --seed 0 --device cpu --out $(DEMO_OUT)
+
+.PHONY: venv install demo test bench clean
+
+$(VENV)/.deps-ok:
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --upgrade --quiet pip
+	$(PY) -m pip install --quiet "$(TORCH_SPEC)" numpy pandas pyyaml tqdm matplotlib \
+		pytest pytest-benchmark hypothesis expecttest ninja "setuptools>=64" wheel
+	# MovieLens-100K ships inside recbole; --no-deps avoids its multi-GB dependency chain.
+	$(PY) -m pip install --quiet --no-deps recbole==1.2.1
+	touch $@
+
+venv: $(VENV)/.deps-ok
+
+# --no-build-isolation: build against the torch in .venv (an isolated build pulls a second one).
+install: venv
+	$(PY) -m pip install --quiet --no-build-isolation --no-deps -e .
+	$(PY) -c "import s2meta_fast; print(s2meta_fast.backend())"
+
+demo: install
+	$(VENV)/bin/s2meta run $(DEMO_ARGS)
+	cat $(DEMO_OUT)/results.md
+
+test: install
+	S2META_REQUIRE_EXT=1 $(PY) -m pytest python_tests -q
+
+bench: install
+	S2META_REQUIRE_EXT=1 $(PY) -m pytest benchmarks -q --benchmark-columns=min,median,mean,rounds
+
+clean:
+	rm -rf build *.egg-info s2meta_fast/_C*.so s2meta_fast/_build_info.py
