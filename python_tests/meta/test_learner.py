@@ -1,0 +1,275 @@
+"""The inner loop: masking stops, batching, ablations, REINFORCE and the meta-gradient."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from planted_tasks import planted_batch, planted_world, select
+from s2meta_fast.meta import MetaConfig, MetaLearner
+from s2meta_fast.meta.trainer import TrainConfig, build_optimizer
+from s2meta_fast.models import build_model
+
+pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
+
+DIM = 8
+
+
+def make_learner(dtype=torch.float64, seed=0, **config):
+    torch.manual_seed(seed)
+    user_emb, item_emb = planted_world(dim=DIM, dtype=dtype)
+    cfg = MetaConfig(**config)
+    learner = MetaLearner(build_model("interaction", DIM, fused=cfg.fused), user_emb, item_emb, cfg)
+    return learner, item_emb
+
+
+def force_stop_bias(learner, bias: float):
+    with torch.no_grad():
+        learner.stop_controller.head.weight.zero_()
+        learner.stop_controller.head.bias.fill_(bias)
+
+
+def test_first_t_min_steps_never_stop_and_p_one_stops_right_after():
+    learner, items = make_learner()
+    force_stop_bias(learner, 30.0)  # p ≈ 1
+    out = learner.adapt(planted_batch(items, 40, 3), generator=torch.Generator().manual_seed(0))
+    assert out.steps.tolist() == [4, 4, 4]
+    assert out.updated[:4].all() and not out.updated[4:].any()
+
+
+def test_p_zero_runs_t_max_steps():
+    learner, items = make_learner(t_max=7)
+    force_stop_bias(learner, -30.0)
+    out = learner.adapt(planted_batch(items, 40, 2), generator=torch.Generator().manual_seed(0))
+    assert out.steps.tolist() == [7, 7]
+
+
+def test_threshold_stop_is_deterministic_given_the_draws():
+    learner, items = make_learner()
+    force_stop_bias(learner, 30.0)
+    out = learner.adapt(planted_batch(items, 40, 2), stop="threshold", generator=torch.Generator().manual_seed(0))
+    assert out.steps.tolist() == [4, 4]
+
+
+def test_masked_stop_freezes_exactly_the_stopped_scenarios():
+    """A sampled run's θ[s] equals step steps[s] of a never-stopping run with the same draws."""
+    learner, items = make_learner()
+    with torch.no_grad():
+        learner.stop_controller.head.bias.fill_(-1.0)  # mixed stopping times
+    batch = planted_batch(items, 40, 6)
+    noise = learner.draw_noise(batch, torch.Generator().manual_seed(5))
+    sampled = learner.adapt(batch, noise=noise, record=True)
+    steps = sampled.steps.tolist()
+    assert len(set(steps)) > 1 and min(steps) < learner.config.t_max, steps
+    unstopped = learner.adapt(batch, stop="fixed", noise=noise, record=True)
+    for s, n_steps in enumerate(steps):
+        torch.testing.assert_close(sampled.theta[s].detach(), unstopped.trajectory.thetas[n_steps, s], rtol=0, atol=0)
+        # frozen from the stop on, moving before it
+        thetas = sampled.trajectory.thetas[:, s]
+        assert all(torch.equal(thetas[t], thetas[-1]) for t in range(n_steps, thetas.shape[0]))
+        assert not torch.equal(thetas[n_steps - 1], thetas[n_steps])
+
+
+def test_batched_equals_sequential_values_and_meta_gradients():
+    learner, items = make_learner()
+    with torch.no_grad():
+        learner.stop_controller.head.bias.fill_(-1.5)
+    batch = planted_batch(items, 40, 4, seed=3)
+    noise = learner.draw_noise(batch, torch.Generator().manual_seed(11))
+    params = [p for p in learner.parameters()]
+
+    batched = learner.meta_loss(batch, noise=noise)
+    batched_grads = torch.autograd.grad(batched.total, params, allow_unused=True)
+
+    seq_grads = [torch.zeros_like(p) for p in params]
+    for s in range(4):
+        one = learner.meta_loss(select(batch, slice(s, s + 1)), noise=noise.select(slice(s, s + 1)))
+        torch.testing.assert_close(one.query_loss, batched.query_loss[s:s + 1], rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(one.reinforce, batched.reinforce[s:s + 1], rtol=1e-12, atol=1e-12)
+        assert one.steps.item() == batched.steps[s].item()
+        for acc, grad in zip(seq_grads, torch.autograd.grad(one.total, params, allow_unused=True)):
+            if grad is not None:
+                acc += grad / 4
+    assert len(set(batched.steps.tolist())) > 1  # the masks really differ across the batch
+    for name_param, grad, expect in zip(learner.named_parameters(), batched_grads, seq_grads):
+        got = torch.zeros_like(expect) if grad is None else grad
+        torch.testing.assert_close(got, expect, rtol=1e-9, atol=1e-12, msg=name_param[0])
+
+
+def test_reinforce_surrogate_matches_the_formula():
+    learner, items = make_learner()
+    with torch.no_grad():
+        learner.stop_controller.head.bias.fill_(-1.0)
+    batch = planted_batch(items, 40, 3, seed=4)
+    noise = learner.draw_noise(batch, torch.Generator().manual_seed(2))
+    terms = learner.meta_loss(batch, noise=noise)
+    traj = learner.adapt(batch, noise=noise, record=True).trajectory
+    for s in range(3):
+        q = traj.query_loss[:, s]
+        final = q[-1]
+        expect = sum(-torch.log1p(-traj.stop_prob[t, s]) * (q[t] - final)
+                     for t in range(traj.updated.shape[0]) if traj.updated[t, s])
+        torch.testing.assert_close(terms.reinforce[s].detach(), torch.as_tensor(expect, dtype=torch.float64))
+        torch.testing.assert_close(terms.query_loss[s].detach(), final)
+
+
+def test_reinforce_lowers_p_when_continuing_helped():
+    """Positive advantage (query loss fell after step t) → the surrogate's gradient lowers p."""
+    learner, items = make_learner()
+    batch = planted_batch(items, 40, 1)
+    noise = learner.draw_noise(batch, torch.Generator().manual_seed(0))
+    terms = learner.meta_loss(batch, noise=noise)
+    traj = learner.adapt(batch, noise=noise, record=True).trajectory
+    advantage = traj.query_loss[:-1, 0] - traj.query_loss[-1, 0]
+    assert (advantage[traj.updated[:, 0]][:2] > 0).all()  # the untrained loop does help at first
+    (grad,) = torch.autograd.grad(terms.reinforce.sum(), learner.stop_controller.head.bias)
+    assert grad.item() > 0  # descent decreases the bias, i.e. p
+
+
+def test_no_host_sync_inside_the_inner_loop(monkeypatch):
+    learner, items = make_learner(dtype=torch.float32)
+    batch = planted_batch(items, 40, 3)
+    noise = learner.draw_noise(batch, torch.Generator().manual_seed(0))
+    calls = []
+
+    def forbidden(name):
+        def raise_(*args, **kwargs):
+            calls.append(name)
+            raise AssertionError(f"host sync: Tensor.{name} called inside the inner loop")
+        return raise_
+
+    with monkeypatch.context() as patch:
+        for name in ("item", "tolist", "__bool__", "__float__", "__int__", "__index__", "numpy", "cpu"):
+            patch.setattr(torch.Tensor, name, forbidden(name))
+        patch.setattr(torch, "nonzero", forbidden("nonzero"))
+        patch.setattr(torch.Tensor, "nonzero", forbidden("nonzero"))
+        out = learner.adapt(batch, noise=noise)
+        terms = learner.meta_loss(batch, noise=noise)
+    assert not calls
+    assert out.theta.shape == (3, learner.model.n_params) and terms.total.dim() == 0
+
+
+def test_one_meta_step_changes_omega_and_lowers_the_query_loss():
+    learner, items = make_learner(dtype=torch.float32)
+    batch = planted_batch(items, 40, 8, seed=1)
+    noise = learner.draw_noise(batch, torch.Generator().manual_seed(0))
+    optimizer = build_optimizer(learner, TrainConfig(lr_init=1e-2, lr_update=1e-2, lr_stop=1e-2))
+    before_omega = learner.omega.detach().clone()
+    before = learner.meta_loss(batch, noise=noise)
+    before.total.backward()
+    optimizer.step()
+    after = learner.meta_loss(batch, noise=noise)
+    assert not torch.equal(before_omega, learner.omega.detach())
+    assert after.query_loss.mean() < before.query_loss.mean() - 1e-3
+
+
+def test_fused_and_pure_paths_train_to_the_same_parameters():
+    states = []
+    for fused in (True, False):
+        learner, items = make_learner(dtype=torch.float32, seed=7, fused=fused)
+        optimizer = build_optimizer(learner, TrainConfig(lr_init=1e-3, lr_update=1e-3, lr_stop=1e-3))
+        generator = torch.Generator().manual_seed(3)
+        for step in range(3):
+            batch = planted_batch(items, 40, 2, seed=step)
+            optimizer.zero_grad()
+            learner.meta_loss(batch, generator=generator).total.backward()
+            optimizer.step()
+        states.append(learner.state_dict())
+    assert states[0].keys() == states[1].keys()
+    for key in states[0]:
+        torch.testing.assert_close(states[0][key], states[1][key], rtol=1e-4, atol=1e-6, msg=key)
+
+
+def test_update_state_equals_the_controllers_initial_state():
+    learner, _ = make_learner()
+    with torch.no_grad():
+        learner.update_controller.h0.normal_()
+        learner.update_controller.c0.normal_()
+    ours = learner._update_state(3)
+    theirs = learner.update_controller.initial_state(3)
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_rand_init_draws_theta0_per_scenario_and_learns_no_omega():
+    learner, items = make_learner(init="random")
+    assert learner.omega is None and "omega" not in dict(learner.named_parameters())
+    batch = planted_batch(items, 40, 2)
+    noise = learner.draw_noise(batch, torch.Generator().manual_seed(0))
+    assert not torch.equal(noise.theta0[0], noise.theta0[1])
+    out = learner.adapt(batch, noise=noise, record=True)
+    torch.testing.assert_close(out.trajectory.thetas[0], noise.theta0)
+
+
+def test_fixed_lr_is_plain_sgd():
+    learner, items = make_learner(update="sgd", inner_lr=0.01, stop="fixed", steps=1)
+    assert learner.update_controller is None
+    batch = planted_batch(items, 40, 2)
+    noise = learner.draw_noise(batch, torch.Generator().manual_seed(0))
+    out = learner.adapt(batch, noise=noise)
+    theta0 = learner.omega.detach().expand(2, -1).clone().requires_grad_(True)
+    negatives = learner.item_emb[learner._negatives(batch, noise.neg[0])]
+    loss = learner.model.loss(theta0, learner.user_emb[batch.support_users],
+                              learner.item_emb[batch.support_items], negatives)[0]
+    (grad,) = torch.autograd.grad(loss.sum(), theta0)
+    torch.testing.assert_close(out.theta.detach(), theta0.detach() - 0.01 * grad)
+
+
+def test_fixed_step_takes_all_steps_and_trains_no_stop_controller():
+    learner, items = make_learner(stop="fixed", steps=20)
+    batch = planted_batch(items, 40, 2)
+    terms = learner.meta_loss(batch, generator=torch.Generator().manual_seed(0))
+    assert terms.steps.tolist() == [20, 20] and torch.all(terms.reinforce == 0)
+    terms.total.backward()
+    assert all(p.grad is None for p in learner.stop_parameters())
+    assert learner.omega.grad is not None and learner.omega.grad.abs().sum() > 0
+
+
+def test_negatives_are_uniform_over_the_pool_minus_the_positive():
+    from types import SimpleNamespace
+    learner, items = make_learner()
+    batch = planted_batch(items, 40, 2, n_support=4, pool_sizes=[5, 3])
+    for s in range(2):
+        size = int(batch.pool_size[s])
+        grid = 10 * (size - 1)
+        uniform = ((torch.arange(grid, dtype=torch.float64) + 0.5) / grid).unsqueeze(0)
+        for j in range(4):
+            one = SimpleNamespace(pool=batch.pool[s:s + 1], pool_size=batch.pool_size[s:s + 1],
+                                  support_item_index=batch.support_item_index[s:s + 1, j:j + 1].expand(1, grid))
+            drawn = learner._negatives(one, uniform)[0]
+            values, freq = drawn.unique(return_counts=True)
+            assert batch.support_items[s, j] not in values.tolist()
+            assert len(values) == size - 1 and (freq == 10).all()
+            assert set(values.tolist()) <= set(batch.pool[s, :size].tolist())
+
+
+def test_record_trajectory_fields():
+    learner, items = make_learner()
+    out = learner.adapt(planted_batch(items, 40, 2), generator=torch.Generator().manual_seed(0), record=True)
+    traj = out.trajectory
+    length, k = learner.config.t_max, learner.model.n_tensors
+    assert traj.train_loss.shape == (length, 2) and traj.stop_prob.shape == (length, 2)
+    assert traj.alpha_mean.shape == (length, 2, k) and traj.beta_mean.shape == (length, 2, k)
+    assert traj.query_loss.shape == (length + 1, 2) and traj.thetas.shape == (length + 1, 2, learner.model.n_params)
+    assert ((traj.alpha_mean > 0) & (traj.alpha_mean < 1)).all()
+    assert (traj.beta_mean[0] > 0.95).all()  # b_β = 5 at init
+    one = traj.scenario(1)
+    assert one["steps"] == out.steps[1].item() and len(one["train_loss"]) == length
+
+
+@pytest.mark.parametrize("changes,match", [
+    ({"init": "zeros"}, "init must be one of"), ({"update": "adam"}, "update must be one of"),
+    ({"stop": "never"}, "stop must be one of"), ({"t_min": 21}, "t_min"), ({"t_max": 0}, "t_max"),
+    ({"hidden_size": 0}, "hidden_size"), ({"steps": 0}, "steps"), ({"inner_lr": 0.0}, "inner_lr"),
+    ({"stop_threshold": 1.0}, "stop_threshold"), ({"clip": -1.0}, "clip"), ({"p": 0}, "p must"),
+])
+def test_meta_config_rejects_bad_values(changes, match):
+    with pytest.raises(ValueError, match=match):
+        MetaConfig(**changes)
+
+
+def test_learner_rejects_a_model_config_mismatch():
+    user_emb, item_emb = planted_world(dim=DIM)
+    with pytest.raises(ValueError, match="fused"):
+        MetaLearner(build_model("interaction", DIM, fused=True), user_emb, item_emb, MetaConfig(fused=False))
+    with pytest.raises(ValueError, match=r"\[n, 16\]"):
+        MetaLearner(build_model("interaction", 16), user_emb, item_emb)

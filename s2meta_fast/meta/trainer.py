@@ -1,0 +1,274 @@
+"""MetaTrainer: the outer loop of Algorithm 1 with meta-batches, checkpoints and resume."""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import random
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from . import checkpoint
+from .graphs import GraphedInnerLoop
+from .learner import MetaLearner
+
+log = logging.getLogger(__name__)
+
+OPTIMIZERS = ("adam", "sgd")
+LAST = "checkpoint.pt"
+BEST = "best.pt"
+
+
+class NonFiniteMetaLoss(RuntimeError):
+    """Raised after `max_nonfinite` meta-steps in a row had a non-finite loss or gradient."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Outer-loop settings (SPEC §5). Defaults follow the authors' code.
+
+    Attributes:
+        optimizer: "adam" (authors' code) or "sgd" (the paper: lr 1e-4, weight decay 1e-5).
+        lr_init, lr_update, lr_stop: Adam learning rates for ω_R, the update controller and the
+            stop controller.
+        sgd_lr, sgd_weight_decay: the SGD settings (one learning rate for everything).
+        grad_clip: gradient *value* clip (``clip_grad_value_``).
+        meta_batch: B scenarios per meta-step; the meta-gradient is their mean.
+        validate_every, checkpoint_every, log_every: in meta-steps; 0 disables.
+        plateau_factor, plateau_patience, min_lr: ReduceLROnPlateau on the validation score (max).
+        max_nonfinite: abort after this many non-finite meta-steps in a row.
+        seed: seeds the torch generator of the inner loops' random draws.
+        cuda_graphs: capture the meta-step as a CUDA graph on CUDA devices.
+        quiet: no progress bar and no info log lines.
+    """
+
+    optimizer: str = "adam"
+    lr_init: float = 1e-4
+    lr_update: float = 1e-4
+    lr_stop: float = 5e-5
+    sgd_lr: float = 1e-4
+    sgd_weight_decay: float = 1e-5
+    grad_clip: float = 0.25
+    meta_batch: int = 1
+    validate_every: int = 500
+    checkpoint_every: int = 500
+    log_every: int = 100
+    plateau_factor: float = 0.2
+    plateau_patience: int = 2
+    min_lr: float = 1e-6
+    max_nonfinite: int = 10
+    seed: int = 0
+    cuda_graphs: bool = True
+    quiet: bool = False
+
+    def __post_init__(self) -> None:
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"TrainConfig: optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        for name in ("lr_init", "lr_update", "lr_stop", "sgd_lr", "grad_clip"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"TrainConfig: {name} must be positive, got {getattr(self, name)}")
+        for name in ("meta_batch", "max_nonfinite", "plateau_patience"):
+            if not (isinstance(getattr(self, name), int) and getattr(self, name) >= 1):
+                raise ValueError(f"TrainConfig: {name} must be an int >= 1, got {getattr(self, name)!r}")
+        for name in ("validate_every", "checkpoint_every", "log_every"):
+            if not (isinstance(getattr(self, name), int) and getattr(self, name) >= 0):
+                raise ValueError(f"TrainConfig: {name} must be an int >= 0 (0 disables), got {getattr(self, name)!r}")
+        if not 0 < self.plateau_factor < 1:
+            raise ValueError(f"TrainConfig: plateau_factor must lie in (0, 1), got {self.plateau_factor}")
+
+
+def build_optimizer(learner: MetaLearner, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """Adam with per-part learning rates, or SGD with the paper's settings; empty groups dropped."""
+    parts = [(learner.init_parameters(), cfg.lr_init, "init"), (learner.update_parameters(), cfg.lr_update, "update"),
+             (learner.stop_parameters(), cfg.lr_stop, "stop")]
+    if cfg.optimizer == "adam":
+        groups = [{"params": params, "lr": lr, "name": name} for params, lr, name in parts if params]
+        return torch.optim.Adam(groups)
+    groups = [{"params": params, "name": name} for params, _, name in parts if params]
+    return torch.optim.SGD(groups, lr=cfg.sgd_lr, weight_decay=cfg.sgd_weight_decay)
+
+
+def _sampler_state(sampler) -> Any:
+    if hasattr(sampler, "state_dict"):
+        return sampler.state_dict()
+    rng = getattr(sampler, "rng", None)
+    if isinstance(rng, np.random.Generator):
+        return {"rng": rng.bit_generator.state}
+    return None
+
+
+def _restore_sampler(sampler, state) -> None:
+    if state is None:
+        warnings.warn("the checkpoint holds no task-sampler state (the sampler has neither state_dict() nor a "
+                      "numpy `rng`): the resumed run draws different tasks than an uninterrupted one would")
+        return
+    if hasattr(sampler, "load_state_dict"):
+        sampler.load_state_dict(state)
+    else:
+        sampler.rng.bit_generator.state = state["rng"]
+
+
+class MetaTrainer:
+    """Meta-trains a :class:`MetaLearner` on scenarios drawn by a task sampler.
+
+    Args:
+        learner: the MetaLearner (already on its device).
+        sampler: an object with ``train_batch(scenarios, S) -> TaskBatch`` (s2meta_fast.data.TaskSampler).
+            Its random state is checkpointed through ``state_dict()/load_state_dict()`` or, failing
+            that, its numpy Generator attribute ``rng``.
+        train_scenarios: what ``sampler.train_batch`` draws from.
+        cfg: a :class:`TrainConfig`.
+        out_dir: where ``checkpoint.pt`` (every ``checkpoint_every`` steps and at the end) and
+            ``best.pt`` (at the best validation score) go.
+        validate: ``validate(learner) -> float``, higher is better (e.g. validation Recall@20);
+            drives the plateau scheduler and the best checkpoint. Never pass a test metric.
+    """
+
+    def __init__(self, learner: MetaLearner, sampler, train_scenarios, cfg: TrainConfig = TrainConfig(),
+                 out_dir: str | Path = "checkpoints", validate: Optional[Callable[[MetaLearner], float]] = None):
+        self.learner, self.sampler, self.train_scenarios, self.cfg = learner, sampler, train_scenarios, cfg
+        self.out_dir = Path(out_dir)
+        self.validate = validate
+        self.device = learner.user_emb.device
+        self.optimizer = build_optimizer(learner, cfg)
+        self.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+            self.optimizer, mode="max", factor=cfg.plateau_factor, patience=cfg.plateau_patience, min_lr=cfg.min_lr)
+        self.generator = torch.Generator(device=self.device).manual_seed(cfg.seed)
+        self.step_fn = GraphedInnerLoop(learner, "meta_step", enabled=cfg.cuda_graphs)
+        if self.device.type == "cuda" and not self.step_fn.active:
+            log.info("meta-steps run eagerly: %s", self.step_fn.fallback_reason)
+        self.step = 0
+        self.best_score = -math.inf
+        self.nonfinite_streak = 0
+        self.history: List[Dict[str, float]] = []
+
+    # -- checkpoints --------------------------------------------------------------------------
+    def state_dict(self) -> Dict[str, Any]:
+        return {
+            "step": self.step,
+            "learner": self.learner.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "generator": self.generator.get_state(),
+            "sampler": _sampler_state(self.sampler),
+            "python_rng": random.getstate(),
+            "numpy_rng": np.random.get_state(),
+            "torch_rng": torch.get_rng_state(),
+            "best_score": self.best_score,
+            "nonfinite_streak": self.nonfinite_streak,
+            "history": list(self.history),
+            "meta_config": dataclasses.asdict(self.learner.config),
+            "train_config": dataclasses.asdict(self.cfg),
+            "model": {"kind": self.learner.model.kind, "embed_dim": self.learner.model.embed_dim},
+        }
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        self.learner.load_state_dict(state["learner"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.generator.set_state(state["generator"].cpu() if hasattr(state["generator"], "cpu") else state["generator"])
+        _restore_sampler(self.sampler, state["sampler"])
+        random.setstate(state["python_rng"])
+        np.random.set_state(state["numpy_rng"])
+        torch.set_rng_state(state["torch_rng"])
+        self.step, self.best_score = state["step"], state["best_score"]
+        self.nonfinite_streak, self.history = state["nonfinite_streak"], list(state["history"])
+
+    def save(self, name: str = LAST) -> Path:
+        return checkpoint.save_atomic(self.state_dict(), self.out_dir / name)
+
+    # -- training -----------------------------------------------------------------------------
+    def fit(self, meta_steps: int, resume: bool = False) -> Dict[str, Any]:
+        """Trains until `meta_steps` meta-steps in total have been taken.
+
+        Args:
+            meta_steps: the total step count (a resumed run continues to the same total).
+            resume: continue from ``out_dir/checkpoint.pt`` when it exists.
+
+        Returns:
+            ``{"step", "best_score", "history"}``.
+        """
+        cfg = self.cfg
+        last = self.out_dir / LAST
+        if resume and last.exists():
+            self.load_state_dict(checkpoint.load(last, map_location="cpu"))
+            self._info("resumed from %s at meta-step %d", last, self.step)
+        elif resume:
+            self._info("no checkpoint at %s; starting from scratch", last)
+        running: Dict[str, float] = {"loss": 0.0, "query": 0.0, "reinforce": 0.0, "steps": 0.0, "n": 0}
+        params = [p for p in self.learner.parameters() if p.requires_grad]
+        bar = tqdm(total=meta_steps, initial=self.step, disable=cfg.quiet, desc="meta-train", unit="step")
+        try:
+            while self.step < meta_steps:
+                batch = self.sampler.train_batch(self.train_scenarios, cfg.meta_batch).to(self.device)
+                noise = self.learner.draw_noise(batch, self.generator)
+                terms = self.step_fn(batch, noise)
+                if self._finite(terms.total, params):
+                    self.nonfinite_streak = 0
+                    torch.nn.utils.clip_grad_value_(params, cfg.grad_clip)
+                    self.optimizer.step()
+                    running["loss"] += float(terms.total)
+                    running["query"] += float(terms.query_loss.mean())
+                    running["reinforce"] += float(terms.reinforce.mean())
+                    running["steps"] += float(terms.steps.float().mean())
+                    running["n"] += 1
+                else:
+                    self._skip_nonfinite(terms, params)
+                self.step += 1
+                bar.update(1)
+                self._periodic(running)
+        finally:
+            bar.close()
+        self.save()
+        return {"step": self.step, "best_score": self.best_score, "history": self.history}
+
+    def _finite(self, total: torch.Tensor, params) -> bool:
+        checks = [torch.isfinite(total).all()]
+        checks += [torch.isfinite(p.grad).all() for p in params if p.grad is not None]
+        return bool(torch.stack(checks).all())  # the one host sync per meta-step
+
+    def _skip_nonfinite(self, terms, params) -> None:
+        self.nonfinite_streak += 1
+        for param in params:
+            param.grad = None
+        warnings.warn(f"meta-step {self.step + 1}: non-finite meta-loss or meta-gradient "
+                      f"(loss {float(terms.total)}); step skipped "
+                      f"({self.nonfinite_streak}/{self.cfg.max_nonfinite} in a row)", RuntimeWarning)
+        if self.nonfinite_streak >= self.cfg.max_nonfinite:
+            raise NonFiniteMetaLoss(
+                f"{self.nonfinite_streak} meta-steps in a row had a non-finite meta-loss or gradient "
+                f"(last at meta-step {self.step + 1}); aborting. The last good checkpoint is "
+                f"{self.out_dir / LAST}; lower the learning rates or check the embeddings for NaN/inf.")
+
+    def _periodic(self, running: Dict[str, float]) -> None:
+        cfg, step = self.cfg, self.step
+        record: Dict[str, float] = {}
+        if cfg.log_every and step % cfg.log_every == 0 and running["n"]:
+            n = running["n"]
+            record = {"step": step, "loss": running["loss"] / n, "query_loss": running["query"] / n,
+                      "reinforce": running["reinforce"] / n, "mean_steps": running["steps"] / n}
+            running.update(loss=0.0, query=0.0, reinforce=0.0, steps=0.0, n=0)
+        if self.validate is not None and cfg.validate_every and step % cfg.validate_every == 0:
+            score = float(self.validate(self.learner))
+            self.scheduler.step(score)
+            record.setdefault("step", step)
+            record["valid_score"] = score
+            if score > self.best_score:
+                self.best_score = score
+                self.save(BEST)
+        if record:
+            record["lr"] = self.optimizer.param_groups[0]["lr"]
+            self.history.append(record)
+            self._info("meta-step %d: %s", step, "  ".join(f"{k} {v:.4g}" for k, v in record.items() if k != "step"))
+        if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
+            self.save()
+
+    def _info(self, message: str, *args) -> None:
+        if not self.cfg.quiet:
+            log.info(message, *args)
