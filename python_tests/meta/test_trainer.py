@@ -1,0 +1,136 @@
+"""MetaTrainer: resume equals an uninterrupted run, non-finite steps, checkpoints, validation."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from planted_tasks import planted_batch, planted_world
+from s2meta_fast.meta import MetaConfig, MetaLearner
+from s2meta_fast.meta import checkpoint
+from s2meta_fast.meta.trainer import MetaTrainer, NonFiniteMetaLoss, TrainConfig, build_optimizer
+from s2meta_fast.models import build_model
+
+pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
+
+DIM = 8
+
+
+class PlantedSampler:
+    """Draws planted batches from a numpy Generator `rng`, like the data layer's TaskSampler."""
+
+    def __init__(self, item_emb, seed=0, poison=()):
+        self.item_emb, self.rng, self.calls, self.poison = item_emb, np.random.default_rng(seed), 0, set(poison)
+        self.fail_at = None
+
+    def train_batch(self, scenarios, n_scenarios):
+        self.calls += 1
+        if self.fail_at == self.calls:
+            raise KeyboardInterrupt
+        batch = planted_batch(self.item_emb, 39, n_scenarios, seed=int(self.rng.integers(1 << 30)))
+        if self.calls in self.poison:
+            batch.support_users[:, 0] = 39  # user 39 has a NaN embedding
+        return batch
+
+
+def make(tmp_path, seed=0, poison=(), **train):
+    torch.manual_seed(seed)
+    user_emb, item_emb = planted_world(dim=DIM)
+    user_emb[39] = float("nan")
+    learner = MetaLearner(build_model("interaction", DIM), user_emb, item_emb, MetaConfig(t_max=6, t_min=2))
+    cfg = TrainConfig(**{"meta_batch": 2, "log_every": 0, "validate_every": 0, "checkpoint_every": 3,
+                         "quiet": True, **train})
+    return MetaTrainer(learner, PlantedSampler(item_emb, poison=poison), ["a", "b"], cfg, tmp_path / "run")
+
+
+def assert_same_state(a, b):
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
+
+
+def test_resume_equals_an_uninterrupted_run(tmp_path):
+    straight = make(tmp_path / "a")
+    straight.fit(7)
+
+    interrupted = make(tmp_path / "b")
+    interrupted.sampler.fail_at = 5  # killed during meta-step 5: checkpoint from step 3 survives
+    with pytest.raises(KeyboardInterrupt):
+        interrupted.fit(7)
+    assert checkpoint.load(tmp_path / "b" / "run" / "checkpoint.pt")["step"] == 3
+
+    resumed = make(tmp_path / "b", seed=123)  # fresh process: different init, restored from disk
+    resumed.fit(7, resume=True)
+    assert resumed.step == 7
+    assert_same_state(straight.learner.state_dict(), resumed.learner.state_dict())
+    assert_same_state(straight.optimizer.state_dict()["state"][0], resumed.optimizer.state_dict()["state"][0])
+
+
+def test_a_non_finite_step_is_skipped_with_a_warning(tmp_path):
+    trainer = make(tmp_path, poison={2})
+    trainer.fit(1)
+    before = {k: v.clone() for k, v in trainer.learner.state_dict().items()}
+    with pytest.warns(RuntimeWarning, match="non-finite meta-loss"):
+        trainer.fit(2)
+    assert_same_state(before, trainer.learner.state_dict())
+    assert trainer.nonfinite_streak == 1
+    trainer.fit(3)
+    assert trainer.nonfinite_streak == 0
+    assert not torch.equal(before["omega"], trainer.learner.omega.detach())
+
+
+def test_ten_non_finite_steps_in_a_row_abort(tmp_path):
+    trainer = make(tmp_path, poison=set(range(1, 100)))
+    with pytest.warns(RuntimeWarning), pytest.raises(NonFiniteMetaLoss, match="10 meta-steps in a row"):
+        trainer.fit(50)
+    assert trainer.step == 9  # the tenth failed step raised before being counted
+
+
+def test_validation_drives_best_checkpoint_and_plateau(tmp_path):
+    scores = iter([0.1, 0.3, 0.2, 0.2, 0.2, 0.2])
+    trainer = make(tmp_path, validate_every=1, plateau_patience=2, lr_init=1e-3)
+    trainer.validate = lambda learner: next(scores)
+    trainer.fit(6)
+    assert checkpoint.load(tmp_path / "run" / "best.pt")["step"] == 2
+    assert trainer.best_score == 0.3
+    assert [r["valid_score"] for r in trainer.history] == [0.1, 0.3, 0.2, 0.2, 0.2, 0.2]
+    assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(2e-4)  # reduced once, factor 0.2
+
+
+def test_atomic_save_keeps_the_old_checkpoint_when_writing_fails(tmp_path, monkeypatch):
+    path = tmp_path / "checkpoint.pt"
+    checkpoint.save_atomic({"step": 1}, path)
+
+    def torn(state, stream):
+        stream.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", torn)
+    with pytest.raises(OSError, match="disk full"):
+        checkpoint.save_atomic({"step": 2}, path)
+    monkeypatch.undo()
+    assert checkpoint.load(path) == {"step": 1}
+    assert os.listdir(tmp_path) == ["checkpoint.pt"]
+
+
+def test_optimizers_follow_the_paper_and_the_code():
+    user_emb, item_emb = planted_world(dim=DIM)
+    learner = MetaLearner(build_model("interaction", DIM), user_emb, item_emb)
+    adam = build_optimizer(learner, TrainConfig())
+    assert isinstance(adam, torch.optim.Adam)
+    assert {g["name"]: g["lr"] for g in adam.param_groups} == {"init": 1e-4, "update": 1e-4, "stop": 5e-5}
+    sgd = build_optimizer(learner, TrainConfig(optimizer="sgd"))
+    assert isinstance(sgd, torch.optim.SGD)
+    assert all(g["lr"] == 1e-4 and g["weight_decay"] == 1e-5 for g in sgd.param_groups)
+    n_params = sum(len(g["params"]) for g in sgd.param_groups)
+    assert n_params == len(list(learner.parameters()))
+
+
+@pytest.mark.parametrize("changes,match", [
+    ({"optimizer": "rmsprop"}, "optimizer"), ({"meta_batch": 0}, "meta_batch"), ({"grad_clip": 0}, "grad_clip"),
+    ({"checkpoint_every": -1}, "checkpoint_every"), ({"plateau_factor": 1.0}, "plateau_factor"),
+])
+def test_train_config_rejects_bad_values(changes, match):
+    with pytest.raises(ValueError, match=match):
+        TrainConfig(**changes)
