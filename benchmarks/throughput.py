@@ -1,0 +1,196 @@
+"""Meta-training throughput: scenarios/s and peak memory per scenario, pure vs fused.
+
+Configurations (issue 4):
+  pure        reference ops + UpdateController, B = 1, eager (like the authors' code)
+  fused B=k   fused ops + FastUpdateController, B scenarios per meta-step, CUDA graphs on GPU
+Workload: the MovieLens-sized recommender (interaction, d = 64, 10,881 adapted scalars), 64 support
+pairs, 128 query triples, a 300-item pool, T_max = 20 with the stop controller pinned to p ≈ 0 so
+every scenario takes all 20 inner updates. A meta-step is draws + inner loop + query loss +
+REINFORCE + backward + grad clip + Adam.
+
+Each configuration runs in its own subprocess so that its peak memory is its own
+(CPU: peak RSS above the RSS before the first step; CUDA: max_memory_allocated above the same point).
+
+Usage:
+  python benchmarks/throughput.py                      # CPU, and CUDA when available
+  python benchmarks/throughput.py --device cuda --batches 1,8,64 --steps 20
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+import warnings
+from dataclasses import dataclass, fields
+from typing import Optional
+
+import torch
+
+N_USERS, N_ITEMS, DIM, POOL, SUPPORT, QUERY = 6000, 4000, 64, 300, 64, 128
+
+
+@dataclass
+class Batch:
+    """The TaskBatch fields the meta learner reads (design.md)."""
+
+    support_users: torch.Tensor
+    support_items: torch.Tensor
+    support_item_index: torch.Tensor
+    pool: torch.Tensor
+    pool_size: torch.Tensor
+    query_users: Optional[torch.Tensor]
+    query_pos: Optional[torch.Tensor]
+    query_neg: Optional[torch.Tensor]
+
+    def to(self, device) -> "Batch":
+        return Batch(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
+
+
+def make_batch(n_scenarios: int, seed: int) -> Batch:
+    gen = torch.Generator().manual_seed(seed)
+    pool = torch.stack([torch.randperm(N_ITEMS, generator=gen)[:POOL] for _ in range(n_scenarios)])
+    index = torch.randint(POOL, (n_scenarios, SUPPORT), generator=gen)
+    q_index = torch.randint(POOL, (n_scenarios, 2, QUERY), generator=gen)
+    return Batch(support_users=torch.randint(N_USERS, (n_scenarios, SUPPORT), generator=gen),
+                 support_items=pool.gather(1, index), support_item_index=index, pool=pool,
+                 pool_size=torch.full((n_scenarios,), POOL),
+                 query_users=torch.randint(N_USERS, (n_scenarios, QUERY), generator=gen),
+                 query_pos=pool.gather(1, q_index[:, 0]), query_neg=pool.gather(1, q_index[:, 1]))
+
+
+def make_learner(fused: bool, device: str, t_max: int = 20):
+    from s2meta_fast.meta import MetaConfig, MetaLearner
+    from s2meta_fast.models import build_model
+
+    torch.manual_seed(0)
+    user_emb, item_emb = torch.randn(N_USERS, DIM) * 0.3, torch.randn(N_ITEMS, DIM) * 0.3
+    cfg = MetaConfig(fused=fused, t_max=t_max)
+    learner = MetaLearner(build_model("interaction", DIM, fused=fused), user_emb, item_emb, cfg).to(device)
+    with torch.no_grad():  # p ≈ 0: every scenario takes all t_max updates (the issue's "20 inner updates")
+        learner.stop_controller.head.weight.zero_()
+        learner.stop_controller.head.bias.fill_(-30.0)
+    return learner
+
+
+class MetaStep:
+    """One meta-training step, as the trainer takes it."""
+
+    def __init__(self, learner, graphs: bool):
+        from s2meta_fast.meta.graphs import GraphedInnerLoop
+        from s2meta_fast.meta.trainer import TrainConfig, build_optimizer
+
+        self.learner = learner
+        self.runner = GraphedInnerLoop(learner, "meta_step", enabled=graphs)
+        self.optimizer = build_optimizer(learner, TrainConfig())
+        self.params = [p for p in learner.parameters() if p.requires_grad]
+        self.generator = torch.Generator(device=learner.user_emb.device).manual_seed(0)
+
+    def __call__(self, batch):
+        noise = self.learner.draw_noise(batch, self.generator)
+        terms = self.runner(batch, noise)
+        torch.nn.utils.clip_grad_value_(self.params, 0.25)
+        self.optimizer.step()
+        return terms
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as handle:
+        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def run_one(path: str, batch_size: int, device: str, steps: int, warmup: int, threads: int) -> dict:
+    """Times one configuration in this process; returns a JSON-able record."""
+    warnings.simplefilter("ignore", RuntimeWarning)  # the reference-fallback warning; we report the backend
+    import s2meta_fast
+
+    if threads:
+        torch.set_num_threads(threads)
+    fused = path == "fused"
+    learner = make_learner(fused, device)
+    step = MetaStep(learner, graphs=fused and device == "cuda")
+    batches = [make_batch(batch_size, seed).to(device) for seed in range(2)]
+    # the baseline is taken before the warm-up, so graph capture and allocator caches count too
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    else:
+        base = _rss_bytes()
+    for k in range(warmup):
+        step(batches[k % 2])
+    start = time.perf_counter()
+    for k in range(steps):
+        terms = step(batches[k % 2])
+    if device == "cuda":
+        torch.cuda.synchronize()
+    elapsed = time.perf_counter() - start
+    mean_steps = float(terms.steps.float().mean())
+    if device == "cuda":
+        peak = torch.cuda.max_memory_allocated() - base
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+    return {"path": path, "B": batch_size, "device": device, "steps": steps,
+            "seconds_per_step": elapsed / steps, "scenarios_per_s": steps * batch_size / elapsed,
+            "peak_mib_per_scenario": max(peak, 0) / batch_size / 2 ** 20, "inner_updates": mean_steps,
+            "graphs": step.runner.active, "threads": torch.get_num_threads(),
+            "backend": str(s2meta_fast.backend()),
+            "fused_kernels": s2meta_fast._extension.kernels_for(torch.device(device))}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", choices=["cpu", "cuda", "all"], default="all")
+    parser.add_argument("--batches", default="1,8,64", help="fused meta-batch sizes, comma-separated")
+    parser.add_argument("--steps", type=int, default=0, help="timed meta-steps (0: 5 on CPU, 30 on CUDA)")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads (default 1: at these sizes OpenMP wake-ups cost more than the "
+                             "extra core gives; 0 keeps torch's default)")
+    parser.add_argument("--json", help="also write the records to this file")
+    parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: path:B:device in a subprocess
+    args = parser.parse_args()
+
+    if args.one:
+        path, batch_size, device = args.one.split(":")
+        steps = args.steps or (30 if device == "cuda" else 5)
+        print(json.dumps(run_one(path, int(batch_size), device, steps, args.warmup, args.threads)))
+        return
+
+    devices = ["cpu", "cuda"] if args.device == "all" else [args.device]
+    if "cuda" in devices and not torch.cuda.is_available():
+        print("no CUDA device: CPU only", file=sys.stderr)
+        devices.remove("cuda")
+    configs = [(d, "pure", 1) for d in devices]
+    configs += [(d, "fused", int(b)) for d in devices for b in args.batches.split(",")]
+    records = []
+    for device, path, batch_size in configs:
+        command = [sys.executable, __file__, "--one", f"{path}:{batch_size}:{device}", "--warmup", str(args.warmup),
+                   "--steps", str(args.steps), "--threads", str(args.threads)]
+        done = subprocess.run(command, capture_output=True, text=True)
+        if done.returncode != 0:
+            print(f"{device} {path} B={batch_size}: failed\n{done.stderr[-2000:]}", file=sys.stderr)
+            continue
+        records.append(json.loads(done.stdout.strip().splitlines()[-1]))
+        print(f"  done: {device} {path} B={batch_size}", file=sys.stderr, flush=True)
+    if not records:
+        sys.exit("no configuration ran")
+    print(records[0]["backend"])
+    print(f"{'device':6s} {'path':6s} {'B':>4s} {'graphs':>6s} {'kernels':>7s} {'ms/step':>9s} "
+          f"{'scen/s':>9s} {'vs pure':>8s} {'MiB/scen':>9s} {'updates':>7s}")
+    for rec in records:
+        pure = next((r for r in records if r["device"] == rec["device"] and r["path"] == "pure"), None)
+        ratio = f"{rec['scenarios_per_s'] / pure['scenarios_per_s']:7.1f}x" if pure else "       -"
+        print(f"{rec['device']:6s} {rec['path']:6s} {rec['B']:4d} {str(rec['graphs']):>6s} "
+              f"{str(rec['fused_kernels']):>7s} {rec['seconds_per_step'] * 1e3:9.1f} "
+              f"{rec['scenarios_per_s']:9.2f} {ratio} {rec['peak_mib_per_scenario']:9.1f} {rec['inner_updates']:7.1f}")
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump(records, handle, indent=1)
+
+
+if __name__ == "__main__":
+    main()
