@@ -145,7 +145,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", choices=["cpu", "cuda", "all"], default="all")
     parser.add_argument("--batches", default="1,8,64", help="fused meta-batch sizes, comma-separated")
-    parser.add_argument("--steps", type=int, default=0, help="timed meta-steps (0: 5 on CPU, 30 on CUDA)")
+    parser.add_argument("--steps", type=int, default=0, help="timed meta-steps (0: 5 on CPU, 20 on CUDA)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads (default 1: at these sizes OpenMP wake-ups cost more than the "
@@ -156,7 +156,7 @@ def main() -> None:
 
     if args.one:
         path, batch_size, device = args.one.split(":")
-        steps = args.steps or (30 if device == "cuda" else 5)
+        steps = args.steps or (20 if device == "cuda" else 5)
         print(json.dumps(run_one(path, int(batch_size), device, steps, args.warmup, args.threads)))
         return
 

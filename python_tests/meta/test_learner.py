@@ -256,6 +256,28 @@ def test_record_trajectory_fields():
     assert one["steps"] == out.steps[1].item() and len(one["train_loss"]) == length
 
 
+def test_scores_rank_with_the_adapted_theta():
+    learner, items = make_learner()
+    batch = planted_batch(items, 40, 2)
+    with torch.no_grad():
+        out = learner.adapt(batch, generator=torch.Generator().manual_seed(0))
+    users, cands = batch.query_users[:, :5], batch.pool[:, :7]
+    scores = learner.scores(out.theta, users, cands)
+    assert scores.shape == (2, 5, 7) and not scores.requires_grad
+    pair = learner.model.pair_scores(out.theta, learner.user_emb[users[:, 2:3]].expand(-1, 7, -1),
+                                     learner.item_emb[cands])
+    torch.testing.assert_close(scores[:, 2], pair)
+
+
+def test_adapt_under_no_grad_still_adapts():
+    learner, items = make_learner()
+    batch = planted_batch(items, 40, 2)
+    with torch.no_grad():
+        out = learner.adapt(batch, generator=torch.Generator().manual_seed(0), record=True)
+    assert not out.theta.requires_grad
+    assert (out.trajectory.query_loss[-1] < out.trajectory.query_loss[0]).all()
+
+
 @pytest.mark.parametrize("changes,match", [
     ({"init": "zeros"}, "init must be one of"), ({"update": "adam"}, "update must be one of"),
     ({"stop": "never"}, "stop must be one of"), ({"t_min": 21}, "t_min"), ({"t_max": 0}, "t_max"),

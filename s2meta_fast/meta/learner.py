@@ -1,7 +1,7 @@
 """MetaLearner: learned init ω_R, update controller, stop controller and the inner loop (Alg. 1).
 
 The inner loop adapts S scenarios at once over a flat θ [S, N]. A scenario that stops keeps its
-θ and controller state frozen (``torch.where``) while the others go on, so the loop always runs
+θ frozen (``torch.where``) while the others go on, so the loop always runs
 its full length with no host synchronisation: stopping is a mask, not a ``break``.
 """
 from __future__ import annotations
@@ -253,9 +253,9 @@ class MetaLearner(nn.Module):
                     go = active & ~(torch.sigmoid(logit.detach()) > cfg.stop_threshold)
 
             if self.update_controller is not None:
-                new_theta, new_state, alpha, beta = self.update_controller(theta, grad, loss, state)
-                keep = go.view(-1, 1, 1)
-                state = (torch.where(keep, new_state[0], state[0]), torch.where(keep, new_state[1], state[1]))
+                # the controller state needs no mask: stopping is absorbing and a stopped scenario's
+                # θ is frozen below, so what its state does afterwards never reaches θ or the loss
+                new_theta, state, alpha, beta = self.update_controller(theta, grad, loss, state)
             else:
                 new_theta = theta - cfg.inner_lr * grad
                 alpha = beta = None
@@ -299,6 +299,10 @@ class MetaLearner(nn.Module):
         return Trajectory(train_loss=torch.stack(rec["loss"]).cpu(), stop_prob=stop_prob.cpu(),
                           updated=out.updated.bool().cpu(), alpha_mean=torch.stack(rec["alpha"]).cpu(),
                           beta_mean=torch.stack(rec["beta"]).cpu(), thetas=thetas.cpu(), query_loss=query_loss)
+
+    def scores(self, theta: Tensor, user_ids: Tensor, item_ids: Tensor) -> Tensor:
+        """Scores for ranking: θ [S, N], user ids [S, A], item ids [S, B] (global) -> [S, A, B]."""
+        return self.model.scores(theta, self.user_emb[user_ids], self.item_emb[item_ids])
 
     # -- the meta-objective ----------------------------------------------------------------------
     def meta_loss(self, batch, generator: Optional[torch.Generator] = None,
