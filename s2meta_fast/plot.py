@@ -72,21 +72,23 @@ def draw_figure(record: Dict[str, Any], path: str, title: str = "") -> str:
     twin.set_ylim(0, 1)
     twin.set_ylabel("probability / recall")
     lines = ax.get_lines() + twin.get_lines()
-    ax.legend(lines, [line.get_label() for line in lines], loc="center right", fontsize=8)
+    ax.legend(lines, [line.get_label() for line in lines], loc="best", fontsize=8, framealpha=0.8)
     ax.set_title(f"learning process ({steps_taken} updates)")
 
-    alpha = np.asarray(record["alpha_mean"])[:shown]   # [T, K]; tensors alternate weight, bias
-    beta = np.asarray(record["beta_mean"])[:shown]
+    # Gates only act on steps that updated θ; the stopping step's gates are computed but unused.
+    gated = max(1, min(shown, steps_taken))
+    alpha = np.asarray(record["alpha_mean"])[:gated]   # [T, K]; tensors alternate weight, bias
+    beta = np.asarray(record["beta_mean"])[:gated]
     n_layers = alpha.shape[1] // 2
     panels = [(alpha[:, 0::2], "input gate α, weights"), (alpha[:, 1::2], "input gate α, biases"),
               (beta[:, 0::2], "forget gate β, weights"), (beta[:, 1::2], "forget gate β, biases")]
     for ax, (values, name) in zip(axes[1:], panels):
         for layer in range(n_layers):
             label = "output layer" if layer == n_layers - 1 else f"hidden layer {layer + 1}"
-            ax.plot(t, values[:, layer], "o-", markersize=3, label=label)
+            ax.plot(t[:gated], values[:, layer], "o-", markersize=3, label=label)
         ax.set_title(name)
-        ax.set_xlabel("step")
-        ax.legend(fontsize=8)
+        ax.set_xlabel("step (updates only)")
+        ax.legend(fontsize=8, loc="best")
     fig.suptitle(title or f"s²Meta inner loop on scenario {record.get('scenario', '')!r}")
     fig.tight_layout()
     folder = os.path.dirname(os.path.abspath(path))

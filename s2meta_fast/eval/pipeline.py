@@ -109,6 +109,8 @@ def build_learner(cfg: Config, prepared: Any) -> Any:
 
     device = torch.device(cfg.run.device)
     model = build_model(cfg.train.model, prepared.embed_dim, fused=cfg.meta.fused)
+    # The controllers initialise from torch's global RNG: seeding it makes the run reproducible.
+    torch.manual_seed(cfg.run.seed)
     learner = MetaLearner(model, prepared.user_emb, prepared.item_emb, cfg.meta)
     return learner.to(device)
 

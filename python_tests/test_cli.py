@@ -1,0 +1,137 @@
+"""The s2meta CLI end to end on a tiny synthetic ML-20M-format dataset."""
+import json
+import os
+
+import pytest
+
+from s2meta_fast import cli
+from s2meta_fast.data.synthetic import write_raw
+from s2meta_fast.meta import trainer as trainer_mod
+
+METRICS = [f"{m}@{k}" for m in ("recall", "ndcg", "hit") for k in (10, 20, 50)]
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    root = tmp_path_factory.mktemp("syn")
+    write_raw("ml20m", str(root / "raw"), seed=0)
+    return ["--dataset", "ml20m", "--data-dir", str(root / "raw"), "--cache-dir", str(root / "cache"),
+            "--min-items", "5", "--max-items", "1000", "--embed-dim", "32", "--mf-epochs", "5"]
+
+
+TINY = ["--meta-steps", "3", "--meta-batch", "1", "--t-max", "6", "--t-min", "2", "--validate-every", "1",
+        "--checkpoint-every", "1",
+        "--global-steps", "20", "--global-batch", "64", "--finetune-lrs", "0.1", "--finetune-steps", "1", "2",
+        "--quiet", "--seed", "3"]
+
+
+def _results(out):
+    with open(os.path.join(out, "results.json")) as fh:
+        return json.load(fh)
+
+
+@pytest.fixture(scope="module")
+def straight_run(dataset, tmp_path_factory):
+    """One uninterrupted tiny run, shared by the tests that inspect or compare against it."""
+    out = str(tmp_path_factory.mktemp("straight") / "run")
+    code = cli.main(["run", *dataset, *TINY, "--out", out])
+    return code, out, _results(out) if code == 0 else None
+
+
+def test_run_writes_results_for_all_methods(straight_run, capsys):
+    code, out, doc = straight_run
+    assert code == 0
+    assert list(doc)[:5] == ["dataset", "seed", "n_test_scenarios", "n_test_users", "methods"]
+    assert doc["dataset"] == "ml20m" and doc["seed"] == 3
+    assert doc["n_test_scenarios"] >= 1 and doc["n_test_users"] >= doc["n_test_scenarios"]
+    assert list(doc["methods"]) == ["s2meta", "itempop", "global", "finetune"]
+    for name, metrics in doc["methods"].items():
+        assert list(metrics) == METRICS, name
+        assert all(0.0 <= v <= 1.0 for v in metrics.values()), name
+        assert metrics["recall@10"] <= metrics["recall@20"] <= metrics["recall@50"]
+    assert doc["backend"] and doc["timings"]["s2meta"]["evaluate_s"] > 0
+    table = open(os.path.join(out, "results.md")).read()
+    assert "| s²Meta |" in table and "| Improve |" in table and "Recall@20" in table
+    assert not [n for n in os.listdir(out) if n.startswith(".tmp")]   # atomic writes left no temp file
+
+    # evaluate re-runs the protocol from the folder's own config: same seed, same numbers
+    assert cli.main(["evaluate", "--out", out, "--quiet", "--methods", "s2meta", "itempop"]) == 0
+    again = _results(out)["methods"]
+    assert again["s2meta"] == doc["methods"]["s2meta"] and again["itempop"] == doc["methods"]["itempop"]
+    printed = capsys.readouterr()
+    assert "| ItemPop |" in printed.out and "s2meta_fast backend:" in printed.err
+
+
+def test_interrupted_run_resumes_to_the_same_result(dataset, straight_run, tmp_path, monkeypatch, capsys):
+    out = str(tmp_path / "interrupted")
+    periodic = trainer_mod.MetaTrainer._periodic
+
+    def interrupt_at_step_2(self, running):
+        if self.step == 2:
+            raise KeyboardInterrupt
+        periodic(self, running)
+
+    monkeypatch.setattr(trainer_mod.MetaTrainer, "_periodic", interrupt_at_step_2)
+    assert cli.main(["run", *dataset, *TINY, "--out", out]) == cli.EXIT_INTERRUPTED
+    assert "--resume" in capsys.readouterr().err
+    assert not os.path.exists(os.path.join(out, "results.json"))
+    assert trainer_mod.checkpoint.load(os.path.join(out, "checkpoint.pt"))["step"] == 1
+    monkeypatch.setattr(trainer_mod.MetaTrainer, "_periodic", periodic)
+
+    assert cli.main(["run", *dataset, *TINY, "--out", out, "--resume"]) == 0
+    assert trainer_mod.checkpoint.load(os.path.join(out, "checkpoint.pt"))["step"] == 3
+    assert _results(out)["methods"] == straight_run[2]["methods"]
+
+
+def test_resume_refuses_changed_settings_and_missing_runs(dataset, tmp_path, capsys):
+    out = str(tmp_path / "none")
+    assert cli.main(["run", *dataset, *TINY, "--out", out, "--resume"]) == cli.EXIT_USAGE
+    assert "holds no run to resume" in capsys.readouterr().err
+    os.makedirs(out)
+    with open(os.path.join(out, "config.yaml"), "w") as fh:
+        fh.write("meta_batch: 3\nseed: 3\n")
+    assert cli.main(["run", *dataset, *TINY, "--out", out, "--resume"]) == cli.EXIT_USAGE
+    assert "meta_batch (3 -> 1)" in capsys.readouterr().err
+
+
+def test_flags_override_the_config_file(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("meta_batch: 3\ntrain:\n  meta_steps: 9\neval:\n  ks: [5]\n")
+    args = cli.parse(["run", "--config", str(path), "--meta-batch", "5", "--pure", "--ks", "1", "2"])
+    cfg = cli.resolve_config(args)
+    assert (cfg.train.meta_batch, cfg.train.meta_steps, cfg.eval.ks, cfg.meta.fused) == (5, 9, (1, 2), False)
+
+
+def test_unknown_dataset_lists_valid_ones(capsys):
+    assert cli.main(["prepare", "--dataset", "netflix"]) == cli.EXIT_USAGE
+    err = capsys.readouterr().err
+    assert "unknown dataset 'netflix'" in err and "ml100k" in err and "amazon" in err
+
+
+def test_unknown_option_lists_valid_ones(capsys):
+    with pytest.raises(SystemExit) as info:
+        cli.main(["run", "--meta-stepz", "3"])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "--meta-stepz" in err and "did you mean --meta-steps" in err and "--inner-lr" in err
+
+
+def test_bad_choice_lists_valid_ones(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["run", "--stop", "sometimes"])
+    assert "choose from 'sample', 'threshold', 'fixed'" in capsys.readouterr().err
+
+
+def test_missing_data_folder_names_the_files(tmp_path, capsys):
+    code = cli.main(["prepare", "--dataset", "ml20m", "--data-dir", str(tmp_path / "absent"), "--quiet"])
+    assert code == cli.EXIT_FAILURE
+    err = capsys.readouterr().err
+    assert "ratings.csv" in err and "absent" in err
+
+
+def test_config_with_unknown_key_is_a_usage_error(tmp_path, capsys):
+    path = tmp_path / "bad.yaml"
+    path.write_text("metasteps: 3\n")
+    assert cli.main(["run", "--config", str(path)]) == cli.EXIT_USAGE
+    err = capsys.readouterr().err
+    assert "unknown key 'metasteps'" in err and "meta_steps" in err
