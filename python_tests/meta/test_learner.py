@@ -256,6 +256,18 @@ def test_record_trajectory_fields():
     assert one["steps"] == out.steps[1].item() and len(one["train_loss"]) == length
 
 
+@pytest.mark.parametrize("kind", ["mapping", "hybrid"])
+def test_other_recommenders_meta_train(kind):
+    torch.manual_seed(0)
+    user_emb, item_emb = planted_world(dim=DIM, dtype=torch.float64)
+    learner = MetaLearner(build_model(kind, DIM), user_emb, item_emb, MetaConfig())
+    assert learner.update_controller.w_ih.shape[0] == learner.model.n_tensors
+    terms = learner.meta_loss(planted_batch(item_emb, 40, 2), generator=torch.Generator().manual_seed(0))
+    terms.total.backward()
+    assert torch.isfinite(terms.total) and learner.omega.grad.abs().sum() > 0
+    assert learner.update_controller.w_ih.grad.abs().sum() > 0
+
+
 def test_scores_rank_with_the_adapted_theta():
     learner, items = make_learner()
     batch = planted_batch(items, 40, 2)
