@@ -44,6 +44,18 @@ def test_cpu_falls_back_to_eager_and_says_why():
         torch.testing.assert_close(got[name], grad, rtol=0, atol=0, msg=name)
 
 
+def test_cpu_adapt_mode_falls_back_to_eager_adapt():
+    learner, items = make()
+    runner = GraphedInnerLoop(learner, "adapt", stop="threshold")
+    batch = planted_batch(items, 40, 3)
+    noise = learner.draw_noise(batch, torch.Generator().manual_seed(0))
+    out = runner(batch, noise)
+    expect = learner.adapt(batch, stop="threshold", noise=noise)
+    assert not runner.active and not out.theta.requires_grad
+    torch.testing.assert_close(out.theta, expect.theta.detach(), rtol=0, atol=0)
+    assert torch.equal(out.steps, expect.steps)
+
+
 def test_pool_is_padded_to_a_power_of_two_with_its_first_item():
     learner, items = make()
     batch = planted_batch(items, 40, 2, pool_sizes=[12, 13])
