@@ -135,3 +135,20 @@ def test_config_with_unknown_key_is_a_usage_error(tmp_path, capsys):
     assert cli.main(["run", "--config", str(path)]) == cli.EXIT_USAGE
     err = capsys.readouterr().err
     assert "unknown key 'metasteps'" in err and "meta_steps" in err
+
+
+def test_plot_draws_figure_2_from_a_run(straight_run, tmp_path, capsys):
+    _, out, _ = straight_run
+    cfg_text = open(os.path.join(out, "config.yaml")).read()
+    assert "dataset: ml20m" in cfg_text
+    from s2meta_fast.config import load_config
+    from s2meta_fast.eval.pipeline import eval_tasks, prepare_data
+    cfg = load_config(os.path.join(out, "config.yaml"))
+    scenario = eval_tasks(prepare_data(cfg), "test", cfg.run.seed)[0].name
+    png = str(tmp_path / "fig2.png")
+    assert cli.main(["plot", "--checkpoint", out, "--scenario", scenario, "--out", png, "--quiet"]) == 0
+    with open(png, "rb") as fh:
+        assert fh.read(8) == b"\x89PNG\r\n\x1a\n"
+    assert "test recall@20" in capsys.readouterr().out
+    assert cli.main(["plot", "--checkpoint", out, "--scenario", "no such tag", "--out", png]) == cli.EXIT_USAGE
+    assert "meta-test scenarios:" in capsys.readouterr().err

@@ -10,7 +10,9 @@ import argparse
 import difflib
 import logging
 import os
+import signal
 import sys
+import threading
 import typing
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -247,9 +249,16 @@ def _error_types() -> tuple:
             ValueError, KeyError)
 
 
+def _terminate_as_interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of the ``s2meta`` console script; returns the exit status."""
     args = parse(argv)
+    if threading.current_thread() is threading.main_thread():
+        # A kill (SIGTERM) ends the run like Ctrl-C: every file on disk is whole, --resume continues.
+        signal.signal(signal.SIGTERM, _terminate_as_interrupt)
     import s2meta_fast
     print(s2meta_fast.backend(), file=sys.stderr, flush=True)
     errors = _error_types()

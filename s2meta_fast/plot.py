@@ -39,7 +39,7 @@ def record_scenario(learner: Any, task: Any, support_batch: Any, stop: str = "sa
     device = learner.user_emb.device
     generator = torch.Generator(device=device).manual_seed(int(seed))
     batch = support_batch([task]).to(device)
-    with torch.enable_grad():
+    with torch.no_grad():   # the learner enables grad itself where the inner loop needs it
         out = learner.adapt(batch, stop=stop, generator=generator, record=True)
     record = out.trajectory.scenario(0)
     thetas = out.trajectory.thetas[:, 0].to(device)

@@ -343,7 +343,8 @@ class S2Meta(_ThetaScorer):
 
     def adapt(self, tasks: Sequence[Any], generator: torch.Generator) -> Tensor:
         batch = self._support_batch(list(tasks)).to(self.user_emb.device)
-        with torch.enable_grad():  # the inner loop differentiates the support loss w.r.t. θ
+        # No meta-graph at test time; the learner enables grad itself for the support-loss gradient.
+        with torch.no_grad():
             out = self.learner.adapt(batch, stop=self.stop, generator=generator)
         return out.theta.detach()
 
