@@ -14,12 +14,13 @@ METRICS = [f"{m}@{k}" for m in ("recall", "ndcg", "hit") for k in (10, 20, 50)]
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
     root = tmp_path_factory.mktemp("syn")
-    write_raw("ml20m", str(root / "raw"), seed=0)
+    # sizes pinned so the split keeps meta-validation scenarios (Finetune needs them)
+    write_raw("ml20m", str(root / "raw"), seed=0, n_users=400, n_scenarios=12, per_scenario=8, per_source=12)
     return ["--dataset", "ml20m", "--data-dir", str(root / "raw"), "--cache-dir", str(root / "cache"),
             "--min-items", "5", "--max-items", "1000", "--embed-dim", "32", "--mf-epochs", "5"]
 
 
-TINY = ["--meta-steps", "3", "--meta-batch", "1", "--t-max", "6", "--t-min", "2", "--validate-every", "1",
+TINY = ["--meta-steps", "3", "--meta-batch", "1", "--t-max", "5", "--t-min", "2", "--validate-every", "1",
         "--checkpoint-every", "1",
         "--global-steps", "20", "--global-batch", "64", "--finetune-lrs", "0.1", "--finetune-steps", "1", "2",
         "--quiet", "--seed", "3"]

@@ -331,21 +331,30 @@ def select_finetune(model: Any, theta: Tensor, user_emb: Tensor, item_emb: Tenso
 
 
 class S2Meta(_ThetaScorer):
-    """A trained ``MetaLearner``: learned init, update and stop controllers adapt each scenario."""
+    """A trained ``MetaLearner``: learned init, update and stop controllers adapt each scenario.
+
+    The inner loop runs through the meta engineer's ``GraphedInnerLoop`` in "adapt" mode: one
+    CUDA-graph replay per block on a GPU, the same code eagerly elsewhere (identical numbers:
+    the random draws are made up front with the block's generator either way).
+    """
 
     name = "s2meta"
 
-    def __init__(self, learner: Any, stop: str = "sample", support_batch: Any = None):
+    def __init__(self, learner: Any, stop: str = "sample", support_batch: Any = None, cuda_graphs: bool = True):
         super().__init__(learner.model, learner.user_emb, learner.item_emb)
         if support_batch is None:
             from ..data.tasks import support_batch
+        from ..meta.graphs import GraphedInnerLoop
+
         self.learner, self.stop, self._support_batch = learner, stop, support_batch
+        self.runner = GraphedInnerLoop(learner, "adapt", stop=stop, enabled=cuda_graphs)
 
     def adapt(self, tasks: Sequence[Any], generator: torch.Generator) -> Tensor:
         batch = self._support_batch(list(tasks)).to(self.user_emb.device)
+        noise = self.learner.draw_noise(batch, generator, self.stop)
         # No meta-graph at test time; the learner enables grad itself for the support-loss gradient.
         with torch.no_grad():
-            out = self.learner.adapt(batch, stop=self.stop, generator=generator)
+            out = self.runner(batch, noise)
         return out.theta.detach()
 
 
