@@ -137,12 +137,12 @@ def test_small_scenarios_skipped_and_counted(synthetic_dirs, tmp_path, caplog):
     folder, m = synthetic_dirs["ml20m"]
     with caplog.at_level(logging.INFO, logger="s2meta_fast.data"):
         d = prepare("ml20m", folder, cache_dir=str(tmp_path), **{**SMALL, "min_items": 42})
-    n_skip = d.stats["n_scenarios_skipped"]
-    assert n_skip == d.stats["scenarios_skipped"]["too_few_items"] > 0
-    assert n_skip + len(d.scenarios()) == m["n_tags"]
+    n_skip = d.stats["scenarios_skipped"]["too_few_items"]
+    assert n_skip > 0 and sum(d.stats["scenarios_skipped"].values()) == n_skip
+    assert d.stats["n_scenarios_skipped"] + len(d.scenarios()) == m["n_tags"]
     assert all(s.n_items >= 42 for s in d.scenarios())
-    assert f"{n_skip} skipped" in caplog.text
+    assert f"{n_skip} skipped (too_few_items={n_skip}," in caplog.text
     with caplog.at_level(logging.INFO, logger="s2meta_fast.data"):
         d = prepare("ml20m", folder, cache_dir=str(tmp_path), min_eval=100_000,
                     **{k: v for k, v in SMALL.items()})
-    assert len(d.scenarios()) == 0 and d.stats["scenarios_skipped"]["too_few_interactions"] == 8
+    assert len(d.scenarios()) == 0 and d.stats["scenarios_skipped"]["too_few_interactions"] == m["n_tags"]

@@ -119,6 +119,9 @@ def test_ml100k_prepared(ml100k):
     assert d.stats["n_ratings"] == 100_000
     assert len(d.scenarios()) >= 40
     assert min(len(d.train), len(d.valid), len(d.test)) >= 5
+    # No (user, item) pair of a meta-test scenario is a meta-train interaction.
+    key = lambda scs: set().union(*[set((s.users * d.n_items + s.items).tolist()) for s in scs])
+    assert not key(d.test) & key(d.train) and not key(d.valid) & key(d.train)
     for s in d.scenarios():
         assert 30 <= s.n_items <= 400 and s.n_interactions >= 64 + 128
     # Reserved (embedding-only) users never appear in a scenario.

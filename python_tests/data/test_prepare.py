@@ -35,7 +35,7 @@ def test_splits_disjoint_and_thresholds(synthetic_prepared, fmt):
     d = synthetic_prepared[fmt]
     names = [s.name for s in d.scenarios()]
     assert len(names) == len(set(names)) >= 6
-    assert len(d.train) > 0 and len(d.test) > 0
+    assert len(d.train) > 0 and len(d.valid) > 0 and len(d.test) > 0
     for s in d.scenarios():
         assert 10 <= s.n_items <= 500 and s.n_interactions >= 192
         assert s.users.dtype == np.int64 and s.items.dtype == np.int64
@@ -43,6 +43,24 @@ def test_splits_disjoint_and_thresholds(synthetic_prepared, fmt):
         assert np.unique(pairs).size == pairs.size                 # no duplicate interaction
         assert d.user_has_emb[s.users].all() and d.item_has_emb[s.items].all()
     assert d.user_emb.dtype == torch.float32 and torch.isfinite(d.user_emb).all()
+
+
+@pytest.mark.parametrize("fmt", ["ml20m", "amazon", "taobao"])
+def test_splits_have_disjoint_users(synthetic_prepared, fmt):
+    d = synthetic_prepared[fmt]
+    users = {k: set().union(*[set(s.users.tolist()) for s in v]) if v else set() for k, v in d.splits.items()}
+    assert not users["train"] & users["valid"] and not users["train"] & users["test"]
+    assert not users["valid"] & users["test"]
+    by = d.stats["n_users_by_split"]
+    assert by["test"] > by["valid"] > 0 and by["train"] > by["test"]
+
+
+def test_user_split_can_be_disabled(synthetic_dirs, tmp_path):
+    folder, _ = synthetic_dirs["ml20m"]
+    d = prepare("ml20m", folder, cache_dir=str(tmp_path), heldout_user_frac=0.0, **SMALL)
+    n = d.n_items
+    pairs = [set((s.users * n + s.items).tolist()) for s in d.scenarios()]
+    assert len(d.scenarios()) == 12 and sum(map(len, pairs)) > len(set().union(*pairs))  # tags overlap
 
 
 def test_amazon_split_follows_table5(synthetic_prepared):

@@ -18,7 +18,7 @@ from .scenarios import QUERY_SIZE, RawData, build
 
 log = logging.getLogger(__name__)
 
-DATA_VERSION = 1   # bump when a loader or the builder changes what it produces
+DATA_VERSION = 2   # bump when a loader or the builder changes what it produces
 
 
 @dataclass(frozen=True)
@@ -78,13 +78,20 @@ def prepare(name: str = "ml100k", data_dir: str | os.PathLike | None = None, *, 
             max_items: int | None = None, seed: int = 0, embed_dim: int = 64, cache_dir: str | None = None,
             use_cache: bool = True, min_eval: int = QUERY_SIZE, valid_frac: float = 0.1, test_frac: float = 0.2,
             mf_epochs: int | None = None, mf_lr: float = 0.01, mf_reg: float = 1e-4, mf_batch_size: int = 2048,
-            dedupe_jaccard: float | None = -1.0, progress: bool = True, **options) -> PreparedData:
+            dedupe_jaccard: float | None = None, heldout_user_frac: float = 0.45, progress: bool = True,
+            **options) -> PreparedData:
     """Raw files -> scenarios split into train/valid/test plus frozen embeddings.
 
-    Defaults that depend on the dataset (None / -1 here) come from ``DATASETS[name]``; ``options``
+    Defaults that depend on the dataset (None here) come from ``DATASETS[name]``; ``options``
     are the dataset's own loader keywords (``DATASETS[name].options``). The result is cached in
     ``cache_dir`` (default ``$S2META_CACHE`` or ``~/.cache/s2meta_fast``) under a key of every
     parameter and the data files' names, sizes and mtimes; ``use_cache=False`` bypasses it.
+
+    dedupe_jaccard: drop a scenario whose item set has at least this Jaccard similarity with a larger
+    kept one (ml100k default 0.7; a value above 1 disables it). heldout_user_frac: the share of
+    shared users whose interactions form meta-valid / meta-test scenarios (divided as
+    valid_frac : test_frac), the rest forming meta-train ones; 0 keeps every user in every split,
+    the paper's protocol (see docs/data.md).
     """
     spec = get_spec(name)
     unknown = set(options) - set(spec.options)
@@ -102,7 +109,8 @@ def prepare(name: str = "ml100k", data_dir: str | os.PathLike | None = None, *, 
         "max_items": spec.max_items if max_items is None else int(max_items), "seed": int(seed),
         "embed_dim": int(embed_dim), "min_eval": int(min_eval), "valid_frac": float(valid_frac),
         "test_frac": float(test_frac),
-        "dedupe_jaccard": spec.dedupe_jaccard if dedupe_jaccard == -1.0 else dedupe_jaccard,
+        "dedupe_jaccard": spec.dedupe_jaccard if dedupe_jaccard is None else float(dedupe_jaccard),
+        "heldout_user_frac": float(heldout_user_frac),
         "mf": {"epochs": spec.mf_epochs if mf_epochs is None else int(mf_epochs), "lr": float(mf_lr),
                "reg": float(mf_reg), "batch_size": int(mf_batch_size)},
         "options": {k: (list(v) if isinstance(v, tuple) else v) for k, v in loader_kw.items()},
@@ -124,7 +132,8 @@ def prepare(name: str = "ml100k", data_dir: str | os.PathLike | None = None, *, 
              ", ".join(f"{k}={v}" for k, v in raw.stats.items()))
     data = build(raw, min_items=params["min_items"], max_items=params["max_items"], min_eval=params["min_eval"],
                  seed=params["seed"], embed_dim=params["embed_dim"], valid_frac=params["valid_frac"],
-                 test_frac=params["test_frac"], dedupe_jaccard=params["dedupe_jaccard"], mf=params["mf"],
+                 test_frac=params["test_frac"], dedupe_jaccard=params["dedupe_jaccard"],
+                 heldout_user_frac=params["heldout_user_frac"], mf=params["mf"],
                  cache_dir=cache_root, use_cache=use_cache, progress=progress)
     if raw.given_user_emb is None and embed_dim != data.embed_dim:
         raise AssertionError("embedding size mismatch")

@@ -1,6 +1,7 @@
 """From a loader's raw interactions to filtered scenarios, embeddings and a meta split.
 
-Appendix A.4 roles, applied identically to every dataset:
+Appendix A.4 roles, applied identically to every dataset (plus user-disjoint meta-splits, see
+``_disjoint_users``):
   * shared users — users with source-domain interactions (and not reserved for embeddings);
     only their scenario interactions become scenario data (support + evaluation);
   * scenario-only users — everyone else (plus users a loader reserves); all their
@@ -93,6 +94,42 @@ def _dedupe_by_jaccard(scens: list[Scenario], threshold: float, n_items: int) ->
     return [scens[order[r]] for r in sorted(kept, key=lambda r: scens[order[r]].name)], len(order) - len(kept)
 
 
+def _disjoint_users(splits: dict[str, list[Scenario]], shared: np.ndarray, frac: float, valid_share: float,
+                    seed: int, min_items: int, max_items: int, min_pairs: int):
+    """Three disjoint groups of shared users: meta-train scenarios keep the interactions of one,
+    meta-valid of another, meta-test of the third (``frac`` of the users are held out, divided
+    between valid and test as ``valid_share``).
+
+    Tag scenarios overlap (a movie has many tags), so without this the same (user, item) pair is a
+    meta-train interaction and a meta-test evaluation positive: on ML-100K 98% of the meta-test
+    positives were, which rewards memorising them rather than adapting to a new scenario. With
+    disjoint users no pair is shared between splits, and no evaluated user has a scenario
+    interaction anywhere in training (a candidate item is never a hidden training positive).
+    """
+    rng = np.random.default_rng([int(seed), 0xD15])
+    users = rng.permutation(np.flatnonzero(shared))
+    n_held = int(round(frac * users.shape[0]))
+    n_valid = int(round(valid_share * n_held))
+    group = np.full(shared.shape[0], -1, np.int8)
+    group[users[n_held:]] = 0
+    group[users[:n_valid]] = 1
+    group[users[n_valid:n_held]] = 2
+    code = {"train": 0, "valid": 1, "test": 2}
+    out: dict[str, list[Scenario]] = {}
+    dropped = 0
+    for name, scs in splits.items():
+        kept = []
+        for s in scs:
+            keep = group[s.users] == code[name]
+            u, i = s.users[keep], s.items[keep]
+            if min_items <= np.unique(i).shape[0] <= max_items and u.shape[0] >= min_pairs:
+                kept.append(Scenario(s.name, u, i, s.group))
+            else:
+                dropped += 1
+        out[name] = kept
+    return out, group, dropped
+
+
 def split_scenarios(scens: list[Scenario], groups: dict[str, str], *, valid_frac: float, test_frac: float,
                     seed: int) -> dict[str, list[Scenario]]:
     """Seeded, disjoint train/valid/test split; loader-given groups (Amazon) take precedence."""
@@ -126,8 +163,8 @@ def split_scenarios(scens: list[Scenario], groups: dict[str, str], *, valid_frac
 
 def build(raw: RawData, *, min_items: int, max_items: int, min_eval: int = QUERY_SIZE, seed: int = 0,
           embed_dim: int = 64, valid_frac: float = 0.1, test_frac: float = 0.2,
-          dedupe_jaccard: float | None = None, mf: dict | None = None, cache_dir: str | None = None,
-          use_cache: bool = True, progress: bool = True) -> PreparedData:
+          dedupe_jaccard: float | None = None, heldout_user_frac: float = 0.45, mf: dict | None = None,
+          cache_dir: str | None = None, use_cache: bool = True, progress: bool = True) -> PreparedData:
     n_users, n_items = len(raw.user_ids), len(raw.item_ids)
     min_pairs = SUPPORT_SIZE + min_eval
 
@@ -207,7 +244,7 @@ def build(raw: RawData, *, min_items: int, max_items: int, min_eval: int = QUERY
 
     scens, n_dupes = _dedupe_by_jaccard(scens, dedupe_jaccard, n_items) if dedupe_jaccard else (scens, 0)
     total_skipped = sum(skipped.values())
-    log.info("%s: %d scenarios kept; %d skipped (%s) for items outside [%d, %d] or fewer than %d "
+    log.info("%s: %d scenarios pass the filter; %d skipped (%s) for items outside [%d, %d] or fewer than %d "
              "interactions (%d support + %d evaluation); %d near-duplicates dropped (Jaccard >= %s)",
              raw.name, len(scens), total_skipped, ", ".join(f"{k}={v}" for k, v in skipped.items()),
              min_items, max_items, min_pairs, SUPPORT_SIZE, min_eval, n_dupes, dedupe_jaccard)
@@ -216,12 +253,27 @@ def build(raw: RawData, *, min_items: int, max_items: int, min_eval: int = QUERY
                  "or user not in the source domain)", raw.name, dropped_pairs)
 
     splits = split_scenarios(scens, raw.groups, valid_frac=valid_frac, test_frac=test_frac, seed=seed)
+    group = np.zeros(n_users, np.int8)
+    after_split = 0
+    if heldout_user_frac and heldout_user_frac > 0:
+        share = valid_frac / (valid_frac + test_frac) if valid_frac + test_frac > 0 else 0.0
+        splits, group, after_split = _disjoint_users(splits, shared, heldout_user_frac, share, seed,
+                                                     min_items, max_items, min_pairs)
+        log.info("%s: shared users split %d / %d / %d for meta-train / meta-valid / meta-test scenarios "
+                 "(heldout_user_frac=%s); %d scenarios fell below the thresholds after the user split "
+                 "and were skipped", raw.name, int((group == 0).sum()), int((group == 1).sum()),
+                 int((group == 2).sum()), heldout_user_frac, after_split)
+    log.info("%s: %d meta-train, %d meta-valid, %d meta-test scenarios", raw.name, len(splits["train"]),
+             len(splits["valid"]), len(splits["test"]))
     stats = dict(raw.stats)
     stats.update({
         "n_users": n_users, "n_items": n_items,
         "n_shared_users": int(shared.sum()),
         "n_embedding_interactions": int(mf_u.shape[0]),
-        "n_scenarios_kept": len(scens), "n_scenarios_skipped": total_skipped,
+        "n_scenarios_kept": sum(len(v) for v in splits.values()),
+        "n_scenarios_skipped": total_skipped + after_split, "n_skipped_after_user_split": after_split,
+        "n_users_by_split": {k: int((group == c).sum()) if heldout_user_frac else int(shared.sum())
+                             for k, c in (("train", 0), ("valid", 1), ("test", 2))},
         "scenarios_skipped": skipped, "n_near_duplicates_dropped": n_dupes,
         "n_scenario_pairs_dropped": dropped_pairs,
         "n_train": len(splits["train"]), "n_valid": len(splits["valid"]), "n_test": len(splits["test"]),

@@ -41,8 +41,8 @@ class _World:
         return items[np.argsort(-g)[:k]]
 
 
-def write_raw(format: str, folder: str, seed: int = 0, *, n_users: int = 300, n_items: int | None = None,
-              n_scenarios: int = 8, per_scenario: int = 6, per_source: int = 12) -> dict:
+def write_raw(format: str, folder: str, seed: int = 0, *, n_users: int = 600, n_items: int | None = None,
+              n_scenarios: int = 12, per_scenario: int = 8, per_source: int = 12) -> dict:
     """Writes one raw dataset into ``folder`` (created) and returns its manifest of exact counts.
 
     per_scenario: mean picks of a user in a scenario they visit; per_source: in the source domain.
@@ -68,7 +68,7 @@ def _scenario_items(rng, first, n_tagged, n_scen, extra_frac=0.25):
 
 
 def _interactions(world, rng, n_users, source_items, scen_items, per_scenario, per_source,
-                  scenario_only_frac=0.1, visit=0.5):
+                  scenario_only_frac=0.35, visit=0.5):
     """Returns a set of (user, item) pairs; a few users never touch the source domain."""
     pairs = set()
     for u in range(n_users):
@@ -158,6 +158,7 @@ def _amazon(rng, folder, n_users, n_items, n_scen, per_scenario, per_source):
     rows_by_top: dict[str, list] = {top: [] for top in AMAZON_CATEGORIES}
     n_low = 0
     kept = []
+    pair_set = set(pairs)
     for u, i in pairs:
         top = leaves[leaf_of[i]][0]
         r = float(rng.choice([3.0, 4.0, 5.0]))
@@ -165,7 +166,7 @@ def _amazon(rng, folder, n_users, n_items, n_scen, per_scenario, per_source):
         kept.append((u, i))
         if rng.random() < 0.15:   # a second, low rating of another item: dropped as non-positive
             j = int(rng.integers(n_items))
-            if (u, j) not in pairs:
+            if (u, j) not in pair_set:
                 rows_by_top[leaves[leaf_of[j]][0]].append((users[u], asins[j], float(rng.choice([1.0, 2.0])),
                                                            1300000000 + u + j))
                 n_low += 1
