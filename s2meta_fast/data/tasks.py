@@ -86,6 +86,27 @@ class _Index:
         self.saturated = np.isin(self.users, full) if full.size else np.zeros(self.users.shape[0], bool)
 
 
+_SHIFT = 40   # catalog keys: (scenario << 40) | (user * P + item); user * P stays far below 2**40
+
+
+class _Catalog:
+    """The indexes of one list of training scenarios laid end to end, so a whole batch is drawn
+    with a handful of vectorised calls instead of a Python loop of them per scenario."""
+
+    def __init__(self, ixs: list[_Index]):
+        self.ixs = ixs
+        self.n = np.array([ix.users.shape[0] for ix in ixs], np.int64)
+        self.off = np.concatenate([[0], np.cumsum(self.n)]).astype(np.int64)
+        self.P = np.array([ix.pool.shape[0] for ix in ixs], np.int64)
+        self.pool_off = np.concatenate([[0], np.cumsum(self.P)]).astype(np.int64)
+        self.pool = np.concatenate([ix.pool for ix in ixs])
+        self.users = np.concatenate([ix.users for ix in ixs])
+        self.local = np.concatenate([ix.local for ix in ixs])
+        self.sat = np.concatenate([ix.saturated for ix in ixs])
+        self.keys = np.concatenate([(np.int64(k) << _SHIFT) | ix.keys for k, ix in enumerate(ixs)])
+        self.ok = bool(all(int(ix.keys[-1]) < (1 << _SHIFT) for ix in ixs if ix.keys.size))
+
+
 def _stable_hash(name: str) -> int:
     return zlib.crc32(name.encode("utf-8"))
 
@@ -107,6 +128,7 @@ class TaskSampler:
         self.query_size = int(query_size)
         self.rng = np.random.default_rng([self.seed, 0x7A5C])
         self._cache: dict[str, _Index] = {}
+        self._catalogs: dict[tuple, _Catalog] = {}
         self._by_name = {s.name: s for s in prepared.scenarios()} if prepared is not None else {}
 
     # -- bookkeeping ---------------------------------------------------------------------------
@@ -170,35 +192,67 @@ class TaskSampler:
         qu = ix.users[q]
         return sup, q, qu, self._negatives(ix, qu)
 
+    def _catalog(self, scenarios: Sequence[Scenario | str]) -> _Catalog:
+        key = tuple(sc if isinstance(sc, str) else sc.name for sc in scenarios)
+        cat = self._catalogs.get(key)
+        if cat is None:
+            cat = self._catalogs[key] = _Catalog([self._index(sc) for sc in scenarios])
+        return cat
+
     def train_batch(self, scenarios: Sequence[Scenario | str], S: int) -> TaskBatch:
         """S scenarios drawn from ``scenarios`` (without replacement when S <= len), one task each."""
         if len(scenarios) == 0:
             raise ValueError("train_batch: no scenarios to draw from")
-        pick = self.rng.choice(len(scenarios), S, replace=S > len(scenarios))
-        ixs = [self._index(scenarios[k]) for k in pick]
-        P = max(ix.pool.shape[0] for ix in ixs)
-        ns, nq = self.support_size, self.query_size
-        su = np.empty((S, ns), np.int64)
-        sl = np.empty((S, ns), np.int64)
-        qu = np.empty((S, nq), np.int64)
-        ql = np.empty((S, nq), np.int64)
-        nl = np.empty((S, nq), np.int64)
-        pool = np.empty((S, P), np.int64)
-        psize = np.empty(S, np.int64)
-        for s, ix in enumerate(ixs):
-            sup, q, users, neg = self._train_task(ix)
-            su[s], sl[s] = ix.users[sup], ix.local[sup]
-            qu[s], ql[s], nl[s] = users, ix.local[q], neg
-            n = ix.pool.shape[0]
-            pool[s, :n] = ix.pool
-            pool[s, n:] = ix.pool[0]
-            psize[s] = n
-        si = np.take_along_axis(pool, sl, 1)
+        cat = self._catalog(scenarios)
+        rng, ns, nq = self.rng, self.support_size, self.query_size
+        pick = rng.choice(len(scenarios), S, replace=S > len(scenarios))
+        take = ns + nq + 32
+        n = cat.n[pick]
+        sel = np.zeros((S, take), np.int64)
+        for r in range(S):
+            if n[r] >= take:
+                sel[r] = rng.choice(n[r], take, replace=False)
+        g = cat.off[pick][:, None] + sel
+        sup, rest = g[:, :ns], g[:, ns:]
+        # Saturated users (no possible negative) sink to the end of the candidates, order kept.
+        sat = cat.sat[rest]
+        rest = np.take_along_axis(rest, np.argsort(sat, axis=1, kind="stable"), 1)
+        q = rest[:, :nq]
+        slow = (n < take) | ((~sat).sum(1) < nq)
+        P = cat.P[pick]
+        users_q = cat.users[q]
+        neg = (rng.random((S, nq)) * P[:, None]).astype(np.int64)
+        if cat.ok:
+            # Rejection sampling, redrawing only the rows that hit an item the user touched.
+            base = np.repeat(pick.astype(np.int64) << _SHIFT, nq)
+            uq, Pq, flat = users_q.reshape(-1), np.repeat(P, nq), neg.reshape(-1)
+            todo = np.arange(S * nq)
+            for _ in range(64):
+                k = base[todo] + uq[todo] * Pq[todo] + flat[todo]
+                hit = cat.keys[np.minimum(np.searchsorted(cat.keys, k), cat.keys.shape[0] - 1)] == k
+                todo = todo[hit]
+                if todo.size == 0:
+                    break
+                flat[todo] = (rng.random(todo.size) * Pq[todo]).astype(np.int64)
+            neg = flat.reshape(S, nq)
+            if todo.size:
+                slow[np.unique(todo // nq)] = True
+        else:
+            slow[:] = True
+        su, sl = cat.users[sup], cat.local[sup]
+        ql = cat.local[q]
+        for r in np.flatnonzero(slow):   # tiny scenarios or near-saturated users: exact per-row path
+            ix = cat.ixs[pick[r]]
+            s_, q_, u_, n_ = self._train_task(ix)
+            su[r], sl[r], users_q[r], ql[r], neg[r] = ix.users[s_], ix.local[s_], u_, ix.local[q_], n_
+        Pmax = int(P.max())
+        col = np.arange(Pmax)
+        pool = cat.pool[cat.pool_off[pick][:, None] + np.where(col[None, :] < P[:, None], col[None, :], 0)]
         t = torch.from_numpy
-        return TaskBatch(support_users=t(su), support_items=t(si), support_item_index=t(sl), pool=t(pool),
-                         pool_size=t(psize), query_users=t(qu), query_pos=t(np.take_along_axis(pool, ql, 1)),
-                         query_neg=t(np.take_along_axis(pool, nl, 1)), names=[ix.name for ix in ixs],
-                         query_pos_index=t(ql), query_neg_index=t(nl))
+        return TaskBatch(support_users=t(su), support_items=t(np.take_along_axis(pool, sl, 1)),
+                         support_item_index=t(sl), pool=t(pool), pool_size=t(P.copy()), query_users=t(users_q),
+                         query_pos=t(np.take_along_axis(pool, ql, 1)), query_neg=t(np.take_along_axis(pool, neg, 1)),
+                         names=[cat.ixs[k].name for k in pick], query_pos_index=t(ql), query_neg_index=t(neg))
 
     # -- SPEC §6 -------------------------------------------------------------------------------
     def eval_task(self, scenario: Scenario | str) -> EvalTask:
