@@ -144,7 +144,7 @@ def read_table(path: str, columns: Sequence[str], dtypes: Mapping[str, object], 
     return df if chunk_filter is not None else df[list(columns)]
 
 
-def check_field_counts(path: str, sep: str, n_fields: int, header_lines: int, block: int = 1 << 26) -> None:
+def check_field_counts(path: str, sep: str, n_fields: int, header_lines: int, block: int = 1 << 24) -> None:
     """Every non-empty line has n_fields fields; vectorised over raw bytes, one block at a time."""
     lines_before = 0
     carry = b""

@@ -18,7 +18,7 @@ from .scenarios import QUERY_SIZE, RawData, build
 
 log = logging.getLogger(__name__)
 
-DATA_VERSION = 2   # bump when a loader or the builder changes what it produces
+DATA_VERSION = 3   # bump when a loader or the builder changes what it produces
 
 
 @dataclass(frozen=True)

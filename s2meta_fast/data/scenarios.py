@@ -227,6 +227,8 @@ def build(raw: RawData, *, min_items: int, max_items: int, min_eval: int = QUERY
     else:
         tu, ti = raw.target_users, raw.target_items
         ok = shared[tu] & item_has[ti]
+        # Items only shared users touched get no embedding (Appendix A.4): their pairs cannot be ranked.
+        dropped_pairs += int((shared[tu] & ~item_has[ti]).sum())
         indptr, vals = _csr_by_item(tu[ok], ti[ok], n_items)
         has_pairs = np.diff(indptr) > 0
         for name in sorted(raw.tags):
@@ -249,8 +251,8 @@ def build(raw: RawData, *, min_items: int, max_items: int, min_eval: int = QUERY
              raw.name, len(scens), total_skipped, ", ".join(f"{k}={v}" for k, v in skipped.items()),
              min_items, max_items, min_pairs, SUPPORT_SIZE, min_eval, n_dupes, dedupe_jaccard)
     if dropped_pairs:
-        log.info("%s: %d scenario interactions dropped (user or item without an embedding, "
-                 "or user not in the source domain)", raw.name, dropped_pairs)
+        log.info("%s: %d scenario interactions of shared users dropped: their item (or, for given "
+                 "embeddings, user) has no embedding", raw.name, dropped_pairs)
 
     splits = split_scenarios(scens, raw.groups, valid_frac=valid_frac, test_frac=test_frac, seed=seed)
     group = np.zeros(n_users, np.int8)
