@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import csv
-import glob
 import importlib.util
 import logging
 import os
