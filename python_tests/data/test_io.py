@@ -19,6 +19,7 @@ CORRUPTIONS = {
     "fraction_in_int": lambda r: f"{r[0]}.5,{r[1]},{r[2]},7",
     "extra_field": lambda r: f"{r[0]},{r[1]},{r[2]},7,8",
     "missing_field": lambda r: f"{r[0]},{r[1]}",
+    "int32_overflow": lambda r: f"{r[0]},3000000000,{r[2]},7",
 }
 
 

@@ -75,8 +75,9 @@ def _first_bad_row(path: str, kw: dict, rename: dict, dtypes: Mapping[str, objec
             vals = conv.to_numpy(dtype=np.float64, na_value=np.nan)
             bad = ~np.isfinite(vals)
             if _is_int_dtype(dt):
+                info = np.iinfo(np.dtype(dt))
                 with np.errstate(invalid="ignore"):
-                    bad |= vals != np.round(vals)
+                    bad |= (vals != np.round(vals)) | (vals < info.min) | (vals > info.max)
             if bad.any():
                 i = int(np.flatnonzero(bad)[0])
                 return base + i + header_lines + 1, col, str(text.iloc[i])
