@@ -105,6 +105,10 @@ class _Catalog:
         self.sat = np.concatenate([ix.saturated for ix in ixs])
         self.keys = np.concatenate([(np.int64(k) << _SHIFT) | ix.keys for k, ix in enumerate(ixs)])
         self.ok = bool(all(int(ix.keys[-1]) < (1 << _SHIFT) for ix in ixs if ix.keys.size))
+        # Share memory with the per-scenario indexes (ML-20M scenarios hold tens of millions of pairs).
+        for k, ix in enumerate(ixs):
+            a, b = self.off[k], self.off[k + 1]
+            ix.users, ix.local, ix.saturated = self.users[a:b], self.local[a:b], self.sat[a:b]
 
 
 def _stable_hash(name: str) -> int:
