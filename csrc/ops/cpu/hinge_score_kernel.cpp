@@ -79,17 +79,7 @@ struct Tile {
   }
 
   void point_at_scenario(const MlpArgs& mlp, const T* wt_all, int64_t s) {
-    const T* p = wt_all + s * weights_per_scenario(mlp);
-    for (int l = 0; l < mlp.num_layers(); ++l) {
-      wt[l] = p;
-      p += mlp.in(l) * mlp.out(l);
-    }
-  }
-
-  static int64_t weights_per_scenario(const MlpArgs& mlp) {
-    int64_t n = 0;
-    for (int l = 0; l < mlp.num_layers(); ++l) n += mlp.in(l) * mlp.out(l);
-    return n;
+    cpu::point_at_scenario(mlp, wt_all, s, wt);
   }
 };
 
@@ -211,17 +201,6 @@ S2META_TARGET_AVX2 void backward_chunk_avx2(const MlpView<T>& mlp, const Embeddi
   backward_chunk<T, 32>(mlp, e, s, n0, t, wt, act, delta, c);
 }
 
-template <typename T>
-at::Tensor transposed_weights(const MlpArgs& mlp, const MlpView<T>& view, const at::Tensor& like) {
-  const int64_t per = Tile<T>::weights_per_scenario(mlp);
-  at::Tensor wt = at::empty({mlp.scenarios, per}, like.options());
-  T* base = wt.mutable_data_ptr<T>();
-  at::parallel_for(0, mlp.scenarios, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t s = begin; s < end; ++s) cpu::transpose_weights(view, s, base + s * per);
-  });
-  return wt;
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor> hinge_score_cpu(const at::Tensor& user_emb, const at::Tensor& pos_emb,
                                                                const at::Tensor& neg_emb, at::TensorList weights,
                                                                at::TensorList biases, double margin) {
@@ -238,7 +217,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> hinge_score_cpu(const at::Tensor&
     T* ps = pos_score.mutable_data_ptr<T>();
     T* ns = neg_score.mutable_data_ptr<T>();
     if (chunks > 0) {
-      const at::Tensor wt = transposed_weights<T>(in.mlp, view, user_emb);
+      const at::Tensor wt = cpu::transposed_weights<T>(in.mlp, view, user_emb);
       const bool avx2 = cpu::use_avx2_clone();
       at::parallel_for(0, S * chunks, 1, [&](int64_t begin, int64_t end) {
         Tile<T> tile(in.mlp, 2 * kTriples);
@@ -309,7 +288,7 @@ hinge_score_backward_cpu(const at::Tensor& d_loss, const at::Tensor& d_pos_score
     const Embeddings<T> emb = embeddings_of<T>(in);
     T* part = partial.mutable_data_ptr<T>();
     if (slots > 0) {
-      const at::Tensor wt = transposed_weights<T>(mlp, view, user_emb);
+      const at::Tensor wt = cpu::transposed_weights<T>(mlp, view, user_emb);
       const bool avx2 = cpu::use_avx2_clone();
       const T scale = T(1) / static_cast<T>(std::max<int64_t>(N, 1));
       at::parallel_for(0, S * slots, 1, [&](int64_t begin, int64_t end) {

@@ -8,6 +8,10 @@
 // must run on any x86-64, but the 8-wide FMAs are worth ~3x here).
 #pragma once
 
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+
 #include <cstdint>
 #include <cstring>
 
@@ -137,16 +141,41 @@ S2META_ALWAYS_INLINE void gemm_tile(T* __restrict C, int64_t ldc, const T* __res
   }
 }
 
-// Per-layer [in, out] copies of the weights of one scenario: the forward product then streams
-// contiguous rows of W^T (see gemm_tile) instead of reducing along rows of W.
+inline int64_t weights_per_scenario(const MlpArgs& mlp) {
+  int64_t n = 0;
+  for (int l = 0; l < mlp.num_layers(); ++l) n += mlp.in(l) * mlp.out(l);
+  return n;
+}
+
+// Per-layer [in, out] copies of every scenario's weights, [S, weights_per_scenario]: the forward
+// product then streams contiguous rows of W^T (see gemm_tile) instead of reducing along rows of W.
 template <typename T>
-void transpose_weights(const MlpView<T>& mlp, int64_t s, T* out) {
-  for (int l = 0; l < mlp.num_layers; ++l) {
-    const T* w = mlp.w[l] + s * mlp.w_stride[l];
-    const int64_t in = mlp.in[l], o = mlp.out[l];
-    for (int64_t i = 0; i < in; ++i)
-      for (int64_t j = 0; j < o; ++j) out[i * o + j] = w[j * in + i];
-    out += in * o;
+at::Tensor transposed_weights(const MlpArgs& mlp, const MlpView<T>& view, const at::Tensor& like) {
+  const int64_t per = weights_per_scenario(mlp);
+  at::Tensor wt = at::empty({mlp.scenarios, per}, like.options());
+  T* base = wt.mutable_data_ptr<T>();
+  at::parallel_for(0, mlp.scenarios, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t s = begin; s < end; ++s) {
+      T* out = base + s * per;
+      for (int l = 0; l < view.num_layers; ++l) {
+        const T* w = view.w[l] + s * view.w_stride[l];
+        const int64_t in = view.in[l], o = view.out[l];
+        for (int64_t i = 0; i < in; ++i)
+          for (int64_t j = 0; j < o; ++j) out[i * o + j] = w[j * in + i];
+        out += in * o;
+      }
+    }
+  });
+  return wt;
+}
+
+// Pointers to layer l's transposed weights of scenario s inside transposed_weights' output.
+template <typename T>
+void point_at_scenario(const MlpArgs& mlp, const T* wt_all, int64_t s, const T** wt) {
+  const T* p = wt_all + s * weights_per_scenario(mlp);
+  for (int l = 0; l < mlp.num_layers(); ++l) {
+    wt[l] = p;
+    p += mlp.in(l) * mlp.out(l);
   }
 }
 
