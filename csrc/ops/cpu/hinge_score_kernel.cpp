@@ -280,7 +280,9 @@ hinge_score_backward_cpu(const at::Tensor& d_loss, const at::Tensor& d_pos_score
                                   std::max<int64_t>(1, kMaxSlotsPerCall / std::max<int64_t>(S, 1)));
   const int64_t per_slot = wanted > 0 ? (chunks + wanted - 1) / wanted : 0;
   const int64_t slots = per_slot > 0 ? (chunks + per_slot - 1) / per_slot : 0;
-  at::Tensor partial = at::zeros({S, std::max<int64_t>(slots, 1), mlp.num_params}, opts);
+  // Each slot zeroes its own partial (first touch by the thread that fills it); an empty batch
+  // has one zero partial per scenario.
+  at::Tensor partial = slots > 0 ? at::empty({S, slots, mlp.num_params}, opts) : at::zeros({S, 1, mlp.num_params}, opts);
 
   AT_DISPATCH_FLOATING_TYPES(user_emb.scalar_type(), "hinge_score_backward_cpu", [&] {
     using T = scalar_t;
@@ -300,6 +302,7 @@ hinge_score_backward_cpu(const at::Tensor& d_loss, const at::Tensor& d_pos_score
           c.margin = static_cast<T>(margin);
           c.d_loss_over_n = g_loss.const_data_ptr<T>()[s] * scale;
           c.grad = part + task * mlp.num_params;
+          std::fill(c.grad, c.grad + mlp.num_params, T(0));
           c.w_offset = w_offset.data();
           c.b_offset = b_offset.data();
           const int64_t last_chunk = std::min(chunks, (slot + 1) * per_slot);
@@ -323,7 +326,9 @@ hinge_score_backward_cpu(const at::Tensor& d_loss, const at::Tensor& d_pos_score
     }
     // Slots summed in a fixed order (determinism), straight into the per-layer outputs.
     const int64_t used = std::max<int64_t>(slots, 1);
-    at::parallel_for(0, S * L, 1, [&](int64_t begin, int64_t end) {
+    // A small sum runs on the calling thread: waking a parked worker can cost more than the sum.
+    const int64_t grain = S * used * mlp.num_params < (int64_t(1) << 18) ? S * L : 1;
+    at::parallel_for(0, S * L, grain, [&](int64_t begin, int64_t end) {
       for (int64_t task = begin; task < end; ++task) {
         const int64_t s = task / L;
         const int l = static_cast<int>(task % L);

@@ -277,7 +277,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> hinge_score_cuda(const at::Tensor
   const int64_t S = in.mlp.scenarios, N = in.batch;
   at::Tensor pos_score = at::empty({S, N}, user_emb.options());
   at::Tensor neg_score = at::empty({S, N}, user_emb.options());
-  at::Tensor loss = at::zeros({S}, user_emb.options());
+  // The loss kernel writes every entry; only an empty batch needs the zeros spelled out.
+  at::Tensor loss = N > 0 ? at::empty({S}, user_emb.options()) : at::zeros({S}, user_emb.options());
   if (S > 0 && N > 0) {
     auto stream = c10::cuda::getCurrentCUDAStream();
     AT_DISPATCH_FLOATING_TYPES(user_emb.scalar_type(), "hinge_score_cuda", [&] {
