@@ -243,3 +243,39 @@ class TestHingeScore:
         for got, want in zip(captured, eager_scaled):
             torch.testing.assert_close(got, want)
         assert not torch.equal(eager[0], eager_scaled[0])
+
+
+_CLONE_CHECK = """
+import torch, s2meta_fast
+from s2meta_fast.ops import _reference
+from mlp_cases import make_embeddings, make_mlp
+for dtype in (torch.float32, torch.float64):
+    for scenarios, n, dim in ((None, 37, 24), (2, 20, 64)):
+        weights, biases = make_mlp(dim, 4, scenarios, dtype)
+        user, item = make_embeddings(2, n, dim, scenarios, dtype)
+        leaves = [w.clone().requires_grad_() for w in weights]
+        ref_leaves = [w.clone().requires_grad_() for w in weights]
+        got = torch.ops.s2meta.hinge_score(user, item, item.flip(-2), leaves, biases, 1.0)
+        want = _reference.hinge_score(user, item, item.flip(-2), ref_leaves, biases, 1.0)
+        got[0].sum().backward(); want[0].sum().backward()
+        tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else {}
+        for a, b in zip(list(got) + [l.grad for l in leaves], list(want) + [l.grad for l in ref_leaves]):
+            torch.testing.assert_close(a, b.detach(), **tol)
+        torch.testing.assert_close(torch.ops.s2meta.score_matrix(user, item, weights, biases),
+                                   _reference.score_matrix(user, item, weights, biases), **tol)
+"""
+
+
+@pytest.mark.parametrize("vector_bytes", ["16", "32"])
+def test_narrower_cpu_clones_match_reference(vector_bytes):
+    """The CPU kernels run the widest vector clone the machine has; check the narrower ones too."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    here = Path(__file__).resolve().parent
+    env = dict(os.environ, S2META_CPU_VECTOR_BYTES=vector_bytes,
+               PYTHONPATH=os.pathsep.join([str(here), *sys.path]))
+    result = subprocess.run([sys.executable, "-c", _CLONE_CHECK], env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]

@@ -127,6 +127,25 @@ S2META_TARGET_AVX2 void forward_chunk_avx2(const MlpView<T>& mlp, const Embeddin
   forward_chunk_scores<T, 32>(mlp, e, s, n0, t, wt, act, pos_score, neg_score);
 }
 
+template <typename T>
+S2META_TARGET_AVX512 void forward_chunk_avx512(const MlpView<T>& mlp, const Embeddings<T>& e, int64_t s, int64_t n0,
+                                               int64_t t, const T* const* wt, T* const* act, T* pos_score,
+                                               T* neg_score) {
+  forward_chunk_scores<T, 64>(mlp, e, s, n0, t, wt, act, pos_score, neg_score);
+}
+
+template <typename T>
+void forward_chunk_any(int bytes, const MlpView<T>& mlp, const Embeddings<T>& e, int64_t s, int64_t n0, int64_t t,
+                       const T* const* wt, T* const* act, T* pos_score, T* neg_score) {
+  if (bytes == 64) {
+    forward_chunk_avx512(mlp, e, s, n0, t, wt, act, pos_score, neg_score);
+  } else if (bytes == 32) {
+    forward_chunk_avx2(mlp, e, s, n0, t, wt, act, pos_score, neg_score);
+  } else {
+    forward_chunk_base(mlp, e, s, n0, t, wt, act, pos_score, neg_score);
+  }
+}
+
 // Everything the backward of one chunk needs besides the tile.
 template <typename T>
 struct BackwardChunk {
@@ -201,6 +220,25 @@ S2META_TARGET_AVX2 void backward_chunk_avx2(const MlpView<T>& mlp, const Embeddi
   backward_chunk<T, 32>(mlp, e, s, n0, t, wt, act, delta, c);
 }
 
+template <typename T>
+S2META_TARGET_AVX512 void backward_chunk_avx512(const MlpView<T>& mlp, const Embeddings<T>& e, int64_t s, int64_t n0,
+                                                int64_t t, const T* const* wt, T* const* act, T* const* delta,
+                                                const BackwardChunk<T>& c) {
+  backward_chunk<T, 64>(mlp, e, s, n0, t, wt, act, delta, c);
+}
+
+template <typename T>
+void backward_chunk_any(int bytes, const MlpView<T>& mlp, const Embeddings<T>& e, int64_t s, int64_t n0, int64_t t,
+                        const T* const* wt, T* const* act, T* const* delta, const BackwardChunk<T>& c) {
+  if (bytes == 64) {
+    backward_chunk_avx512(mlp, e, s, n0, t, wt, act, delta, c);
+  } else if (bytes == 32) {
+    backward_chunk_avx2(mlp, e, s, n0, t, wt, act, delta, c);
+  } else {
+    backward_chunk_base(mlp, e, s, n0, t, wt, act, delta, c);
+  }
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> hinge_score_cpu(const at::Tensor& user_emb, const at::Tensor& pos_emb,
                                                                const at::Tensor& neg_emb, at::TensorList weights,
                                                                at::TensorList biases, double margin) {
@@ -218,7 +256,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> hinge_score_cpu(const at::Tensor&
     T* ns = neg_score.mutable_data_ptr<T>();
     if (chunks > 0) {
       const at::Tensor wt = cpu::transposed_weights<T>(in.mlp, view, user_emb);
-      const bool avx2 = cpu::use_avx2_clone();
+      const int bytes = cpu::clone_bytes();
       at::parallel_for(0, S * chunks, 1, [&](int64_t begin, int64_t end) {
         Tile<T> tile(in.mlp, 2 * kTriples);
         for (int64_t task = begin; task < end; ++task) {
@@ -227,11 +265,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> hinge_score_cpu(const at::Tensor&
           tile.point_at_scenario(in.mlp, wt.const_data_ptr<T>(), s);
           T* p = ps + s * N + n0;
           T* q = ns + s * N + n0;
-          if (avx2) {
-            forward_chunk_avx2(view, emb, s, n0, t, tile.wt, tile.act, p, q);
-          } else {
-            forward_chunk_base(view, emb, s, n0, t, tile.wt, tile.act, p, q);
-          }
+          forward_chunk_any(bytes, view, emb, s, n0, t, tile.wt, tile.act, p, q);
         }
       });
     }
@@ -291,7 +325,7 @@ hinge_score_backward_cpu(const at::Tensor& d_loss, const at::Tensor& d_pos_score
     T* part = partial.mutable_data_ptr<T>();
     if (slots > 0) {
       const at::Tensor wt = cpu::transposed_weights<T>(mlp, view, user_emb);
-      const bool avx2 = cpu::use_avx2_clone();
+      const int bytes = cpu::clone_bytes();
       const T scale = T(1) / static_cast<T>(std::max<int64_t>(N, 1));
       at::parallel_for(0, S * slots, 1, [&](int64_t begin, int64_t end) {
         Tile<T> tile(mlp, 2 * kTriples);
@@ -315,11 +349,7 @@ hinge_score_backward_cpu(const at::Tensor& d_loss, const at::Tensor& d_pos_score
               c.d_pos_emb = d_pos.mutable_data_ptr<T>() + (s * N + n0) * d;
               c.d_neg_emb = d_neg.mutable_data_ptr<T>() + (s * N + n0) * d;
             }
-            if (avx2) {
-              backward_chunk_avx2(view, emb, s, n0, t, tile.wt, tile.act, tile.delta, c);
-            } else {
-              backward_chunk_base(view, emb, s, n0, t, tile.wt, tile.act, tile.delta, c);
-            }
+            backward_chunk_any(bytes, view, emb, s, n0, t, tile.wt, tile.act, tile.delta, c);
           }
         }
       });

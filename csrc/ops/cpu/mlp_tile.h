@@ -2,10 +2,10 @@
 // forward over a tile of rows.
 //
 // The tiles are a few dozen rows wide and the layers at most a few hundred, far below where a
-// BLAS call pays for itself, so the products are written out as fixed-length loops that the
-// compiler vectorises. Every hot function is always_inline and gets compiled twice: once for the
-// baseline ISA and once inside a target("avx2,fma") entry point chosen at run time (the wheel
-// must run on any x86-64, but the 8-wide FMAs are worth ~3x here).
+// BLAS call pays for itself, so the products are written out with GCC vector types. Every hot
+// function is always_inline and gets compiled three times: for the baseline ISA (16-byte
+// vectors) and inside target("avx2,fma") and target("avx512f") entry points (32- and 64-byte
+// vectors) chosen at run time, so one wheel runs on any x86-64 and uses the widest FMAs it finds.
 #pragma once
 
 #include <ATen/Parallel.h>
@@ -13,22 +13,25 @@
 #include <ATen/ops/empty.h>
 
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 
 #include "ops/mlp_args.h"
 
 #if defined(__GNUC__) && defined(__x86_64__)
-#define S2META_CPU_AVX2_CLONE 1
+#define S2META_CPU_CLONES 1
 #define S2META_TARGET_AVX2 __attribute__((target("avx2,fma")))
+#define S2META_TARGET_AVX512 __attribute__((target("avx512f,fma")))
 #define S2META_ALWAYS_INLINE inline __attribute__((always_inline))
 #else
-#define S2META_CPU_AVX2_CLONE 0
+#define S2META_CPU_CLONES 0
 #define S2META_TARGET_AVX2
+#define S2META_TARGET_AVX512
 #define S2META_ALWAYS_INLINE inline
 #endif
 
-// The 32-byte vector helpers below are only ever inlined into the target("avx2,fma") clones, so
-// the ABI note GCC attaches to their by-value vectors never applies.
+// The wide vector helpers below are only ever inlined into the target clones, so the ABI note
+// GCC attaches to their by-value vectors never applies.
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC diagnostic ignored "-Wpsabi"
 #endif
@@ -36,17 +39,26 @@
 namespace s2meta {
 namespace cpu {
 
-inline bool use_avx2_clone() {
-#if S2META_CPU_AVX2_CLONE
-  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return has;
+// Vector width, in bytes, of the clone to run: the widest this CPU supports, or a narrower one
+// named by S2META_CPU_VECTOR_BYTES=16|32 (the tests use it to check every clone on one machine).
+inline int clone_bytes() {
+#if S2META_CPU_CLONES
+  static const int bytes = [] {
+    const int supported = __builtin_cpu_supports("avx512f") ? 64
+                          : (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) ? 32
+                                                                                               : 16;
+    const char* wanted = std::getenv("S2META_CPU_VECTOR_BYTES");
+    const int asked = wanted == nullptr ? 0 : std::atoi(wanted);
+    return (asked == 16 || asked == 32 || asked == 64) && asked < supported ? asked : supported;
+  }();
+  return bytes;
 #else
-  return false;
+  return 16;
 #endif
 }
 
-// One hardware vector of T as a GCC vector type: kBytes = 32 (ymm) in the AVX2 clone, 16 (xmm)
-// in the baseline. The explicit type makes the vectorisation certain; it must match the
+// One hardware vector of T as a GCC vector type: kBytes = 64 (zmm) in the AVX-512 clone, 32 (ymm)
+// in the AVX2 clone, 16 (xmm) in the baseline. The explicit type makes the vectorisation certain; it must match the
 // hardware width, or GCC lowers it through the stack.
 template <typename T, int kBytes>
 struct Vec;
@@ -57,6 +69,14 @@ struct Vec<float, 16> {
 template <>
 struct Vec<float, 32> {
   typedef float type __attribute__((vector_size(32)));
+};
+template <>
+struct Vec<float, 64> {
+  typedef float type __attribute__((vector_size(64)));
+};
+template <>
+struct Vec<double, 64> {
+  typedef double type __attribute__((vector_size(64)));
 };
 template <>
 struct Vec<double, 16> {
@@ -74,69 +94,122 @@ S2META_ALWAYS_INLINE V load(const void* p) {
   return v;
 }
 
-// C[r, j] (= or +=) sum_k A[r * ars + k * aks] * B[k * ldb + j] for r < rows, j < cols.
-// A 4-row x 2-vector block of C lives in 8 registers while k runs, so each load of B feeds four
-// FMAs; A's strides let the same code multiply by a transposed operand (the weight gradient).
+// Columns [j0, j0 + 2 * VW) of C (= or +=) A B: a 4-row x 2-vector block of C lives in 8
+// registers while k runs, so each load of B feeds four FMAs.
 template <typename T, int kBytes, bool kAccumulate>
-S2META_ALWAYS_INLINE void gemm_tile(T* __restrict C, int64_t ldc, const T* __restrict A, int64_t ars, int64_t aks,
-                                    const T* __restrict B, int64_t ldb, int64_t rows, int64_t K, int64_t cols) {
+S2META_ALWAYS_INLINE void gemm_strip2(T* __restrict C, int64_t ldc, const T* __restrict A, int64_t ars, int64_t aks,
+                                      const T* __restrict B, int64_t ldb, int64_t rows, int64_t K, int64_t j0) {
   using V = typename Vec<T, kBytes>::type;
   constexpr int64_t VW = kBytes / sizeof(T);
-  int64_t j0 = 0;
-  for (; j0 + 2 * VW <= cols; j0 += 2 * VW) {
-    int64_t r0 = 0;
-    for (; r0 + 4 <= rows; r0 += 4) {
-      V c00 = {}, c01 = {}, c10 = {}, c11 = {}, c20 = {}, c21 = {}, c30 = {}, c31 = {};
-      const T* a = A + r0 * ars;
-      const T* b = B + j0;
-      for (int64_t k = 0; k < K; ++k, a += aks, b += ldb) {
-        const V b0 = load<V>(b), b1 = load<V>(b + VW);
-        const T a0 = a[0], a1 = a[ars], a2 = a[2 * ars], a3 = a[3 * ars];
-        c00 += a0 * b0;
-        c01 += a0 * b1;
-        c10 += a1 * b0;
-        c11 += a1 * b1;
-        c20 += a2 * b0;
-        c21 += a2 * b1;
-        c30 += a3 * b0;
-        c31 += a3 * b1;
-      }
-      T* c = C + r0 * ldc + j0;
-      if (kAccumulate) {
-        c00 += load<V>(c), c01 += load<V>(c + VW);
-        c10 += load<V>(c + ldc), c11 += load<V>(c + ldc + VW);
-        c20 += load<V>(c + 2 * ldc), c21 += load<V>(c + 2 * ldc + VW);
-        c30 += load<V>(c + 3 * ldc), c31 += load<V>(c + 3 * ldc + VW);
-      }
-      std::memcpy(c, &c00, sizeof(V));
-      std::memcpy(c + VW, &c01, sizeof(V));
-      std::memcpy(c + ldc, &c10, sizeof(V));
-      std::memcpy(c + ldc + VW, &c11, sizeof(V));
-      std::memcpy(c + 2 * ldc, &c20, sizeof(V));
-      std::memcpy(c + 2 * ldc + VW, &c21, sizeof(V));
-      std::memcpy(c + 3 * ldc, &c30, sizeof(V));
-      std::memcpy(c + 3 * ldc + VW, &c31, sizeof(V));
+  int64_t r0 = 0;
+  for (; r0 + 4 <= rows; r0 += 4) {
+    V c00 = {}, c01 = {}, c10 = {}, c11 = {}, c20 = {}, c21 = {}, c30 = {}, c31 = {};
+    const T* a = A + r0 * ars;
+    const T* b = B + j0;
+    for (int64_t k = 0; k < K; ++k, a += aks, b += ldb) {
+      const V b0 = load<V>(b), b1 = load<V>(b + VW);
+      const T a0 = a[0], a1 = a[ars], a2 = a[2 * ars], a3 = a[3 * ars];
+      c00 += a0 * b0;
+      c01 += a0 * b1;
+      c10 += a1 * b0;
+      c11 += a1 * b1;
+      c20 += a2 * b0;
+      c21 += a2 * b1;
+      c30 += a3 * b0;
+      c31 += a3 * b1;
     }
-    for (; r0 < rows; ++r0) {
-      V c0 = {}, c1 = {};
-      const T* a = A + r0 * ars;
-      const T* b = B + j0;
-      for (int64_t k = 0; k < K; ++k, a += aks, b += ldb) {
-        c0 += a[0] * load<V>(b);
-        c1 += a[0] * load<V>(b + VW);
-      }
-      T* c = C + r0 * ldc + j0;
-      if (kAccumulate) c0 += load<V>(c), c1 += load<V>(c + VW);
-      std::memcpy(c, &c0, sizeof(V));
-      std::memcpy(c + VW, &c1, sizeof(V));
+    T* c = C + r0 * ldc + j0;
+    if (kAccumulate) {
+      c00 += load<V>(c), c01 += load<V>(c + VW);
+      c10 += load<V>(c + ldc), c11 += load<V>(c + ldc + VW);
+      c20 += load<V>(c + 2 * ldc), c21 += load<V>(c + 2 * ldc + VW);
+      c30 += load<V>(c + 3 * ldc), c31 += load<V>(c + 3 * ldc + VW);
     }
+    std::memcpy(c, &c00, sizeof(V));
+    std::memcpy(c + VW, &c01, sizeof(V));
+    std::memcpy(c + ldc, &c10, sizeof(V));
+    std::memcpy(c + ldc + VW, &c11, sizeof(V));
+    std::memcpy(c + 2 * ldc, &c20, sizeof(V));
+    std::memcpy(c + 2 * ldc + VW, &c21, sizeof(V));
+    std::memcpy(c + 3 * ldc, &c30, sizeof(V));
+    std::memcpy(c + 3 * ldc + VW, &c31, sizeof(V));
   }
-  // Narrow layers (the score column, d/4 below two vectors): plain loops.
-  for (int64_t r = 0; r < rows; ++r) {
-    for (int64_t j = j0; j < cols; ++j) {
-      T sum = 0;
-      for (int64_t k = 0; k < K; ++k) sum += A[r * ars + k * aks] * B[k * ldb + j];
-      C[r * ldc + j] = kAccumulate ? C[r * ldc + j] + sum : sum;
+  for (; r0 < rows; ++r0) {
+    V c0 = {}, c1 = {};
+    const T* a = A + r0 * ars;
+    const T* b = B + j0;
+    for (int64_t k = 0; k < K; ++k, a += aks, b += ldb) {
+      c0 += a[0] * load<V>(b);
+      c1 += a[0] * load<V>(b + VW);
+    }
+    T* c = C + r0 * ldc + j0;
+    if (kAccumulate) c0 += load<V>(c), c1 += load<V>(c + VW);
+    std::memcpy(c, &c0, sizeof(V));
+    std::memcpy(c + VW, &c1, sizeof(V));
+  }
+}
+
+// Columns [j0, j0 + VW): the same with one vector per row.
+template <typename T, int kBytes, bool kAccumulate>
+S2META_ALWAYS_INLINE void gemm_strip1(T* __restrict C, int64_t ldc, const T* __restrict A, int64_t ars, int64_t aks,
+                                      const T* __restrict B, int64_t ldb, int64_t rows, int64_t K, int64_t j0) {
+  using V = typename Vec<T, kBytes>::type;
+  int64_t r0 = 0;
+  for (; r0 + 4 <= rows; r0 += 4) {
+    V c0 = {}, c1 = {}, c2 = {}, c3 = {};
+    const T* a = A + r0 * ars;
+    const T* b = B + j0;
+    for (int64_t k = 0; k < K; ++k, a += aks, b += ldb) {
+      const V bk = load<V>(b);
+      c0 += a[0] * bk;
+      c1 += a[ars] * bk;
+      c2 += a[2 * ars] * bk;
+      c3 += a[3 * ars] * bk;
+    }
+    T* c = C + r0 * ldc + j0;
+    if (kAccumulate) {
+      c0 += load<V>(c), c1 += load<V>(c + ldc), c2 += load<V>(c + 2 * ldc), c3 += load<V>(c + 3 * ldc);
+    }
+    std::memcpy(c, &c0, sizeof(V));
+    std::memcpy(c + ldc, &c1, sizeof(V));
+    std::memcpy(c + 2 * ldc, &c2, sizeof(V));
+    std::memcpy(c + 3 * ldc, &c3, sizeof(V));
+  }
+  for (; r0 < rows; ++r0) {
+    V c0 = {};
+    const T* a = A + r0 * ars;
+    const T* b = B + j0;
+    for (int64_t k = 0; k < K; ++k, a += aks, b += ldb) c0 += a[0] * load<V>(b);
+    T* c = C + r0 * ldc + j0;
+    if (kAccumulate) c0 += load<V>(c);
+    std::memcpy(c, &c0, sizeof(V));
+  }
+}
+
+// C[r, j] (= or +=) sum_k A[r * ars + k * aks] * B[k * ldb + j] for r < rows, j0 <= j < cols.
+// A's strides let the same code multiply by a transposed operand (the weight gradient). Columns
+// go in strips of two vectors, then one; what is left narrower than a vector falls to the next
+// smaller vector width and finally to scalar loops (the score column).
+template <typename T, int kBytes, bool kAccumulate>
+S2META_ALWAYS_INLINE void gemm_tile(T* __restrict C, int64_t ldc, const T* __restrict A, int64_t ars, int64_t aks,
+                                    const T* __restrict B, int64_t ldb, int64_t rows, int64_t K, int64_t cols,
+                                    int64_t j0 = 0) {
+  constexpr int64_t VW = kBytes / sizeof(T);
+  for (; j0 + 2 * VW <= cols; j0 += 2 * VW) gemm_strip2<T, kBytes, kAccumulate>(C, ldc, A, ars, aks, B, ldb, rows, K, j0);
+  if (j0 + VW <= cols) {
+    gemm_strip1<T, kBytes, kAccumulate>(C, ldc, A, ars, aks, B, ldb, rows, K, j0);
+    j0 += VW;
+  }
+  if (j0 >= cols) return;
+  if constexpr (kBytes > 16) {
+    gemm_tile<T, kBytes / 2, kAccumulate>(C, ldc, A, ars, aks, B, ldb, rows, K, cols, j0);
+  } else {
+    for (int64_t r = 0; r < rows; ++r) {
+      for (int64_t j = j0; j < cols; ++j) {
+        T sum = 0;
+        for (int64_t k = 0; k < K; ++k) sum += A[r * ars + k * aks] * B[k * ldb + j];
+        C[r * ldc + j] = kAccumulate ? C[r * ldc + j] + sum : sum;
+      }
     }
   }
 }

@@ -47,6 +47,24 @@ S2META_TARGET_AVX2 void first_layer_rows_avx2(const T* e, int64_t ld, int64_t ro
   first_layer_rows<T, 32>(e, ld, rows, d, half_wt, h1, bias, out);
 }
 
+template <typename T>
+S2META_TARGET_AVX512 void first_layer_rows_avx512(const T* e, int64_t ld, int64_t rows, int64_t d,
+                                                  const T* half_wt, int64_t h1, const T* bias, T* out) {
+  first_layer_rows<T, 64>(e, ld, rows, d, half_wt, h1, bias, out);
+}
+
+template <typename T>
+void first_layer_rows_any(int bytes, const T* e, int64_t ld, int64_t rows, int64_t d, const T* half_wt, int64_t h1,
+                          const T* bias, T* out) {
+  if (bytes == 64) {
+    first_layer_rows_avx512(e, ld, rows, d, half_wt, h1, bias, out);
+  } else if (bytes == 32) {
+    first_layer_rows_avx2(e, ld, rows, d, half_wt, h1, bias, out);
+  } else {
+    first_layer_rows_base(e, ld, rows, d, half_wt, h1, bias, out);
+  }
+}
+
 // Scores of user row u against items [b0, b0 + cols): act[1] = relu(u + V rows), then layers 1...
 template <typename T, int kBytes>
 S2META_ALWAYS_INLINE void pair_tile(const MlpView<T>& mlp, int64_t s, const T* const* wt, T* const* act,
@@ -81,6 +99,24 @@ S2META_TARGET_AVX2 void pair_tile_avx2(const MlpView<T>& mlp, int64_t s, const T
   pair_tile<T, 32>(mlp, s, wt, act, u, v, cols, out);
 }
 
+template <typename T>
+S2META_TARGET_AVX512 void pair_tile_avx512(const MlpView<T>& mlp, int64_t s, const T* const* wt, T* const* act,
+                                           const T* u, const T* v, int64_t cols, T* out) {
+  pair_tile<T, 64>(mlp, s, wt, act, u, v, cols, out);
+}
+
+template <typename T>
+void pair_tile_any(int bytes, const MlpView<T>& mlp, int64_t s, const T* const* wt, T* const* act, const T* u,
+                   const T* v, int64_t cols, T* out) {
+  if (bytes == 64) {
+    pair_tile_avx512(mlp, s, wt, act, u, v, cols, out);
+  } else if (bytes == 32) {
+    pair_tile_avx2(mlp, s, wt, act, u, v, cols, out);
+  } else {
+    pair_tile_base(mlp, s, wt, act, u, v, cols, out);
+  }
+}
+
 at::Tensor score_matrix_cpu(const at::Tensor& user_emb, const at::Tensor& item_emb, at::TensorList weights,
                             at::TensorList biases) {
   const ScoreMatrixInputs in = prepare_score_matrix("score_matrix", user_emb, item_emb, weights, biases);
@@ -91,7 +127,7 @@ at::Tensor score_matrix_cpu(const at::Tensor& user_emb, const at::Tensor& item_e
     AT_DISPATCH_FLOATING_TYPES(user_emb.scalar_type(), "score_matrix_cpu", [&] {
       using T = scalar_t;
       const MlpView<T> view = mlp.view<T>();
-      const bool avx2 = cpu::use_avx2_clone();
+      const int bytes = cpu::clone_bytes();
       const at::Tensor wt = cpu::transposed_weights<T>(mlp, view, user_emb);
       const int64_t wt_per = cpu::weights_per_scenario(mlp);
       at::Tensor uv = at::empty({S, A + B, h1}, user_emb.options());
@@ -110,13 +146,12 @@ at::Tensor score_matrix_cpu(const at::Tensor& user_emb, const at::Tensor& item_e
           const int64_t mid = std::clamp(A, r0, r1);
           if (mid > r0) {
             const T* e = users + s * in.users.stride(0) + r0 * in.users.stride(1);
-            (avx2 ? first_layer_rows_avx2<T> : first_layer_rows_base<T>)(e, in.users.stride(1), mid - r0, d, wt0,
-                                                                         h1, b0, dst);
+            first_layer_rows_any<T>(bytes, e, in.users.stride(1), mid - r0, d, wt0, h1, b0, dst);
           }
           if (r1 > mid) {
             const T* e = items + s * in.items.stride(0) + (mid - A) * in.items.stride(1);
-            (avx2 ? first_layer_rows_avx2<T> : first_layer_rows_base<T>)(
-                e, in.items.stride(1), r1 - mid, d, wt0 + d * h1, h1, nullptr, dst + (mid - r0) * h1);
+            first_layer_rows_any<T>(bytes, e, in.items.stride(1), r1 - mid, d, wt0 + d * h1, h1, nullptr,
+                                    dst + (mid - r0) * h1);
           }
         }
       });
@@ -141,11 +176,7 @@ at::Tensor score_matrix_cpu(const at::Tensor& user_emb, const at::Tensor& item_e
           const T* u = uv_ptr + (s * (A + B) + a) * h1;
           const T* v = uv_ptr + (s * (A + B) + A + c0) * h1;
           T* o = out_ptr + (s * A + a) * B + c0;
-          if (avx2) {
-            pair_tile_avx2(view, s, wt_s, act, u, v, cols, o);
-          } else {
-            pair_tile_base(view, s, wt_s, act, u, v, cols, o);
-          }
+          pair_tile_any(bytes, view, s, wt_s, act, u, v, cols, o);
         }
       });
     });
