@@ -3,7 +3,7 @@
 Run: ``pytest benchmarks/bench_hinge_score.py --benchmark-columns=min,median,mean,rounds``.
 Each row is checked against the reference before it is timed. The backward is the inner loop's:
 gradients w.r.t. the MLP only (the embeddings are frozen); "fused" goes through autograd,
-"fused_direct" calls the forward and backward ops itself. Set OMP_NUM_THREADS=1 for stable
+"fused_direct" calls the forward and backward ops itself, "fused_one_pass" calls hinge_score_grad. Set OMP_NUM_THREADS=1 for stable
 numbers on a shared machine. CUDA rows are skipped without a GPU;
 on the GPU the compiled reference uses mode="reduce-overhead" (CUDA graphs).
 """
@@ -20,7 +20,7 @@ from s2meta_fast.ops import _reference
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
                                                                  reason="needs a CUDA device"))]
 IMPLS = ["fused", "reference", "compiled"]
-HINGE_IMPLS = ["fused", "fused_direct", "reference", "compiled"]
+HINGE_IMPLS = ["fused", "fused_direct", "fused_one_pass", "reference", "compiled"]
 
 
 def interaction_mlp(dim, device, gen):
@@ -59,6 +59,14 @@ def direct_step(user, pos, neg, params):
     return (loss, *d_weights, *d_biases)
 
 
+def one_pass_step(user, pos, neg, params):
+    """Loss and MLP gradient from hinge_score_grad: the backward's single fused pass."""
+    half = len(params) // 2
+    weights, biases = [p.detach() for p in params[:half]], [p.detach() for p in params[half:]]
+    loss, _, _, d_weights, d_biases = torch.ops.s2meta.hinge_score_grad(user, pos, neg, weights, biases, 1.0)
+    return (loss, *d_weights, *d_biases)
+
+
 def timed(fn, device):
     if device != "cuda":
         return fn
@@ -78,8 +86,8 @@ def test_hinge_score_train_step(benchmark, batch, dim, impl, device):
     weights, biases = interaction_mlp(dim, device, gen)
     params = [t.requires_grad_() for t in weights + biases]
     user, pos, neg = (torch.randn(batch, dim, generator=gen).to(device) for _ in range(3))
-    if impl == "fused_direct":
-        step = functools.partial(direct_step, user, pos, neg, params)
+    if impl in ("fused_direct", "fused_one_pass"):
+        step = functools.partial(direct_step if impl == "fused_direct" else one_pass_step, user, pos, neg, params)
     else:
         hinge = {"fused": fused_hinge, "reference": _reference.hinge_score,
                  "compiled": compiled(_reference.hinge_score, device)}[impl]

@@ -124,6 +124,25 @@ class TestHingeScore:
         torch.testing.assert_close(loss, ref_loss.detach(), **tolerances(dtype))
         torch.testing.assert_close(theta.grad, ref_theta.grad, **tolerances(dtype))
 
+    @pytest.mark.parametrize("dtype", DTYPES)
+    @pytest.mark.parametrize("case", [(None, 0, 8, 3), (None, 130, 16, 4), (3, 64, 8, 2), (1, 7, 8, 1)], ids=case_id)
+    def test_loss_and_grad_in_one_pass(self, case, dtype):
+        user, pos, neg, weights, biases = make_case(case, dtype)
+        loss, pos_score, neg_score, d_weights, d_biases = torch.ops.s2meta.hinge_score_grad(
+            user, pos, neg, weights, biases, 0.5)
+        leaves = [t.clone().requires_grad_() for t in weights + biases]
+        want = _reference.hinge_score(user, pos, neg, leaves[:len(weights)], leaves[len(weights):], 0.5)
+        want_grads = torch.autograd.grad(want[0].sum(), leaves, allow_unused=True)
+        for got, ref in zip([loss, pos_score, neg_score, *d_weights, *d_biases], [*want, *want_grads]):
+            ref = torch.zeros_like(got) if ref is None else ref.detach()
+            torch.testing.assert_close(got, ref, **tolerances(dtype))
+        twin = _reference.hinge_score_grad(user, pos, neg, weights, biases, 0.5)
+        for got, ref in zip([loss, pos_score, neg_score, *d_weights, *d_biases], [*twin[:3], *twin[3], *twin[4]]):
+            torch.testing.assert_close(got, ref, **tolerances(dtype))
+        # The same numbers as the two-op path, bit for bit: one kernel computes both.
+        forward = op(user, pos, neg, weights, biases, 0.5)
+        assert all(torch.equal(a, b) for a, b in zip(forward, (loss, pos_score, neg_score)))
+
     @pytest.mark.parametrize("scenarios", [None, 2])
     def test_gradcheck(self, scenarios):
         user, pos, neg, weights, biases = make_case((scenarios, 5, 4, 3), torch.float64, seed=3)
@@ -141,6 +160,8 @@ class TestHingeScore:
             torch.library.opcheck(op, (user, pos, neg, weights, biases, 1.0))
             upstream = (torch.ones(user.shape[:-2], dtype=torch.float64), torch.randn(user.shape[:-1], dtype=torch.float64),
                         torch.randn(user.shape[:-1], dtype=torch.float64))
+            torch.library.opcheck(torch.ops.s2meta.hinge_score_grad,
+                                  (user, pos, neg, [w.detach() for w in weights], biases, 1.0))
             for emb_grad in (True, False):
                 torch.library.opcheck(torch.ops.s2meta.hinge_score_backward,
                                       (*upstream, user, pos, neg, [w.detach() for w in weights], biases, 1.0, emb_grad))
@@ -212,6 +233,17 @@ class TestHingeScore:
         (outs, grads), _ = run_both(*to([user, pos, neg]), to(weights), to(biases))
         for got, want in zip(list(outs) + list(grads), list(cpu[0]) + list(cpu[1])):
             torch.testing.assert_close(got.cpu(), want, **tolerances(dtype))
+
+    @needs_cuda
+    @pytest.mark.parametrize("case", [(None, 130, 64, 4), (3, 64, 128, 4), (1, 0, 8, 2)], ids=case_id)
+    def test_cuda_loss_and_grad_match_cpu(self, case):
+        user, pos, neg, weights, biases = make_case(case, torch.float64)
+        want = torch.ops.s2meta.hinge_score_grad(user, pos, neg, weights, biases, 1.0)
+        got = torch.ops.s2meta.hinge_score_grad(user.cuda(), pos.cuda(), neg.cuda(), [w.cuda() for w in weights],
+                                                [b.cuda() for b in biases], 1.0)
+        flat = lambda out: [*out[:3], *out[3], *out[4]]  # noqa: E731
+        for a, b in zip(flat(got), flat(want)):
+            torch.testing.assert_close(a.cpu(), b, **tolerances(torch.float64))
 
     @needs_cuda
     def test_cuda_graph_replay_matches_eager(self):

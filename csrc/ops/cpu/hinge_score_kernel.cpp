@@ -10,6 +10,7 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/ones.h>
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
@@ -159,6 +160,8 @@ struct BackwardChunk {
   T* d_user;         // rows of triple n0 in the embedding gradients, or null
   T* d_pos_emb;
   T* d_neg_emb;
+  T* pos_score;      // scores of triple n0, or null when the caller does not want them
+  T* neg_score;
 };
 
 template <typename T, int kBytes>
@@ -170,6 +173,12 @@ S2META_ALWAYS_INLINE void backward_chunk(const MlpView<T>& mlp, const Embeddings
   const int64_t rows = 2 * t;
   const T* score = act[last + 1];
   int cur = 0;
+  if (c.pos_score != nullptr) {
+    for (int64_t n = 0; n < t; ++n) {
+      c.pos_score[n] = score[n];
+      c.neg_score[n] = score[t + n];
+    }
+  }
   for (int64_t n = 0; n < t; ++n) {
     const T slope = hinge_slope(c.margin, score[n], score[t + n], c.d_loss_over_n);
     delta[cur][n] = c.d_pos[n] - slope;
@@ -282,16 +291,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> hinge_score_cpu(const at::Tensor&
   return {loss, pos_score, neg_score};
 }
 
-std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor, at::Tensor, at::Tensor>
-hinge_score_backward_cpu(const at::Tensor& d_loss, const at::Tensor& d_pos_score, const at::Tensor& d_neg_score,
-                         const at::Tensor& user_emb, const at::Tensor& pos_emb, const at::Tensor& neg_emb,
-                         at::TensorList weights, at::TensorList biases, double margin, bool emb_grad) {
-  const char* op = "hinge_score_backward";
-  const HingeInputs in = prepare_hinge(op, user_emb, pos_emb, neg_emb, weights, biases);
-  check_hinge_grads(op, in, user_emb, d_loss, d_pos_score, d_neg_score);
+using Grads = std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor, at::Tensor, at::Tensor>;
+
+// The fused backward; with pos_score/neg_score given ([S, N]) it also writes the forward's scores.
+Grads backward_impl(const HingeInputs& in, const at::Tensor& user_emb, const at::Tensor& g_loss,
+                    const at::Tensor& g_pos, const at::Tensor& g_neg, double margin, bool emb_grad,
+                    at::Tensor* pos_score, at::Tensor* neg_score) {
   const MlpArgs& mlp = in.mlp;
   const int64_t S = mlp.scenarios, N = in.batch, d = mlp.dim, L = mlp.num_layers();
-  const at::Tensor g_loss = d_loss.contiguous(), g_pos = d_pos_score.contiguous(), g_neg = d_neg_score.contiguous();
 
   std::vector<at::Tensor> d_weights, d_biases;
   std::vector<int64_t> w_offset(L), b_offset(L);
@@ -344,6 +351,10 @@ hinge_score_backward_cpu(const at::Tensor& d_loss, const at::Tensor& d_pos_score
             const int64_t n0 = chunk * kTriples, t = std::min(kTriples, N - n0);
             c.d_pos = g_pos.const_data_ptr<T>() + s * N + n0;
             c.d_neg = g_neg.const_data_ptr<T>() + s * N + n0;
+            if (pos_score != nullptr) {
+              c.pos_score = pos_score->mutable_data_ptr<T>() + s * N + n0;
+              c.neg_score = neg_score->mutable_data_ptr<T>() + s * N + n0;
+            }
             if (emb_grad) {
               c.d_user = d_user.mutable_data_ptr<T>() + (s * N + n0) * d;
               c.d_pos_emb = d_pos.mutable_data_ptr<T>() + (s * N + n0) * d;
@@ -388,11 +399,55 @@ hinge_score_backward_cpu(const at::Tensor& d_loss, const at::Tensor& d_pos_score
   return {d_weights, d_biases, d_user, d_pos, d_neg};
 }
 
+Grads hinge_score_backward_cpu(const at::Tensor& d_loss, const at::Tensor& d_pos_score, const at::Tensor& d_neg_score,
+                               const at::Tensor& user_emb, const at::Tensor& pos_emb, const at::Tensor& neg_emb,
+                               at::TensorList weights, at::TensorList biases, double margin, bool emb_grad) {
+  const char* op = "hinge_score_backward";
+  const HingeInputs in = prepare_hinge(op, user_emb, pos_emb, neg_emb, weights, biases);
+  check_hinge_grads(op, in, user_emb, d_loss, d_pos_score, d_neg_score);
+  return backward_impl(in, user_emb, d_loss.contiguous(), d_pos_score.contiguous(), d_neg_score.contiguous(), margin,
+                       emb_grad, nullptr, nullptr);
+}
+
+// Loss, scores and the loss's MLP gradient from the one fused pass of the backward (upstream:
+// d_loss = 1, no score gradient): what a first-order inner loop needs per step.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> hinge_score_grad_cpu(
+    const at::Tensor& user_emb, const at::Tensor& pos_emb, const at::Tensor& neg_emb, at::TensorList weights,
+    at::TensorList biases, double margin) {
+  const HingeInputs in = prepare_hinge("hinge_score_grad", user_emb, pos_emb, neg_emb, weights, biases);
+  const int64_t S = in.mlp.scenarios, N = in.batch;
+  const at::TensorOptions opts = user_emb.options();
+  at::Tensor pos_score = at::empty({S, N}, opts), neg_score = at::empty({S, N}, opts);
+  at::Tensor no_score_grad = at::zeros({S, N}, opts);
+  Grads grads = backward_impl(in, user_emb, at::ones({S}, opts), no_score_grad, no_score_grad, margin, false,
+                              &pos_score, &neg_score);
+  at::Tensor loss = at::empty({S}, opts);
+  AT_DISPATCH_FLOATING_TYPES(user_emb.scalar_type(), "hinge_score_grad_cpu", [&] {
+    using T = scalar_t;
+    const T* ps = pos_score.const_data_ptr<T>();
+    const T* ns = neg_score.const_data_ptr<T>();
+    T* l = loss.mutable_data_ptr<T>();
+    const T m = static_cast<T>(margin);
+    for (int64_t s = 0; s < S; ++s) {  // serial and in order, exactly as hinge_score's loss
+      T sum = 0;
+      for (int64_t n = 0; n < N; ++n) sum += hinge_value(m, ps[s * N + n], ns[s * N + n]);
+      l[s] = sum / static_cast<T>(std::max<int64_t>(N, 1));
+    }
+  });
+  if (!in.mlp.batched) {
+    loss = loss.squeeze(0);
+    pos_score = pos_score.squeeze(0);
+    neg_score = neg_score.squeeze(0);
+  }
+  return {loss, pos_score, neg_score, std::get<0>(grads), std::get<1>(grads)};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(s2meta, CPU, m) {
   m.impl("hinge_score", &hinge_score_cpu);
   m.impl("hinge_score_backward", &hinge_score_backward_cpu);
+  m.impl("hinge_score_grad", &hinge_score_grad_cpu);
 }
 
 }  // namespace s2meta

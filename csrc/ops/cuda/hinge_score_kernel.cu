@@ -164,14 +164,16 @@ __global__ void __launch_bounds__(cuda::kThreads)
 
 template <typename T>
 struct Upstream {
-  const T* d_loss;  // [S]
-  const T* d_pos;   // [S, N]
+  const T* d_loss;  // [S], or null for d_loss = 1
+  const T* d_pos;   // [S, N], or null (with d_neg) for no score gradient
   const T* d_neg;
   T margin;
   T inv_count;      // 1 / max(N, 1)
   T* d_user;        // [S, N, d] each, or null when the embedding gradients are not wanted
   T* d_pos_emb;
   T* d_neg_emb;
+  T* pos_score;     // [S, N] each, or null when the caller does not want the scores
+  T* neg_score;
 };
 
 template <typename T>
@@ -191,7 +193,7 @@ __global__ void __launch_bounds__(cuda::kThreads)
   T* grad = partial + (s * blocks + blockIdx.x) * num_params;
   const int last = mlp.num_layers - 1, d = e.dim;
   const int lddelta = max_width + 1;
-  const T g_loss = up.d_loss[s] * up.inv_count;
+  const T g_loss = (up.d_loss != nullptr ? up.d_loss[s] : T(1)) * up.inv_count;
   bool accumulate = false;
   for (int64_t chunk = blockIdx.x; chunk < chunks; chunk += blocks) {
     const int64_t n0 = chunk * triples;
@@ -199,9 +201,15 @@ __global__ void __launch_bounds__(cuda::kThreads)
     forward_chunk(mlp, e, s, n0, t, w, b, act, ld);
     const T* score = act[last + 1];
     for (int n = threadIdx.x; n < t; n += blockDim.x) {
-      const T slope = hinge_slope(up.margin, score[n * ld[last + 1]], score[(t + n) * ld[last + 1]], g_loss);
-      delta[0][n * lddelta] = up.d_pos[s * n_triples + n0 + n] - slope;
-      delta[0][(t + n) * lddelta] = up.d_neg[s * n_triples + n0 + n] + slope;
+      const T pos = score[n * ld[last + 1]], neg = score[(t + n) * ld[last + 1]];
+      const int64_t o = s * n_triples + n0 + n;
+      const T slope = hinge_slope(up.margin, pos, neg, g_loss);
+      delta[0][n * lddelta] = (up.d_pos != nullptr ? up.d_pos[o] : T(0)) - slope;
+      delta[0][(t + n) * lddelta] = (up.d_neg != nullptr ? up.d_neg[o] : T(0)) + slope;
+      if (up.pos_score != nullptr) {
+        up.pos_score[o] = pos;
+        up.neg_score[o] = neg;
+      }
     }
     __syncthreads();
     int cur = 0;
@@ -303,19 +311,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> hinge_score_cuda(const at::Tensor
   return {loss, pos_score, neg_score};
 }
 
-std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor, at::Tensor, at::Tensor>
-hinge_score_backward_cuda(const at::Tensor& d_loss, const at::Tensor& d_pos_score, const at::Tensor& d_neg_score,
-                          const at::Tensor& user_emb, const at::Tensor& pos_emb, const at::Tensor& neg_emb,
-                          at::TensorList weights, at::TensorList biases, double margin, bool emb_grad) {
+using Grads = std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor, at::Tensor, at::Tensor>;
+
+// The fused backward. Null upstream pointers mean d_loss = 1 and no score gradient; given
+// pos_score/neg_score ([S, N]), it also writes the forward's scores.
+Grads backward_impl(const HingeInputs& in, const at::Tensor& user_emb, const at::Tensor* d_loss,
+                    const at::Tensor* d_pos_score, const at::Tensor* d_neg_score, double margin, bool emb_grad,
+                    at::Tensor* pos_score, at::Tensor* neg_score) {
   const char* op = "hinge_score_backward";
-  const c10::cuda::CUDAGuard guard(user_emb.device());
-  const HingeInputs in = prepare_hinge(op, user_emb, pos_emb, neg_emb, weights, biases);
-  check_hinge_grads(op, in, user_emb, d_loss, d_pos_score, d_neg_score);
   const MlpArgs& mlp = in.mlp;
   const int64_t S = mlp.scenarios, N = in.batch, d = mlp.dim;
   const int L = mlp.num_layers();
   const at::TensorOptions opts = user_emb.options();
-  const at::Tensor g_loss = d_loss.contiguous(), g_pos = d_pos_score.contiguous(), g_neg = d_neg_score.contiguous();
   // The reduce kernel writes every entry; only an empty batch needs the zeros spelled out.
   const bool empty_batch = S == 0 || N == 0;
   std::vector<at::Tensor> d_weights, d_biases;
@@ -338,15 +345,21 @@ hinge_score_backward_cuda(const at::Tensor& d_loss, const at::Tensor& d_pos_scor
       TORCH_CHECK(S <= 65535, op, ": at most 65535 scenarios per call on CUDA, got S = ", S);
       at::Tensor partial = at::empty({S, blocks, mlp.num_params}, opts);
       Upstream<T> up{};
-      up.d_loss = g_loss.const_data_ptr<T>();
-      up.d_pos = g_pos.const_data_ptr<T>();
-      up.d_neg = g_neg.const_data_ptr<T>();
+      if (d_loss != nullptr) {
+        up.d_loss = d_loss->const_data_ptr<T>();
+        up.d_pos = d_pos_score->const_data_ptr<T>();
+        up.d_neg = d_neg_score->const_data_ptr<T>();
+      }
       up.margin = static_cast<T>(margin);
       up.inv_count = T(1) / static_cast<T>(std::max<int64_t>(N, 1));
       if (emb_grad) {
         up.d_user = d_user.mutable_data_ptr<T>();
         up.d_pos_emb = d_pos.mutable_data_ptr<T>();
         up.d_neg_emb = d_neg.mutable_data_ptr<T>();
+      }
+      if (pos_score != nullptr) {
+        up.pos_score = pos_score->mutable_data_ptr<T>();
+        up.neg_score = neg_score->mutable_data_ptr<T>();
       }
       cuda::allow_shared_bytes(hinge_backward_kernel<T>, plan.bytes);
       hinge_backward_kernel<T><<<dim3(static_cast<unsigned>(blocks), static_cast<unsigned>(S)), cuda::kThreads,
@@ -384,11 +397,51 @@ hinge_score_backward_cuda(const at::Tensor& d_loss, const at::Tensor& d_pos_scor
   return {d_weights, d_biases, d_user, d_pos, d_neg};
 }
 
+Grads hinge_score_backward_cuda(const at::Tensor& d_loss, const at::Tensor& d_pos_score, const at::Tensor& d_neg_score,
+                                const at::Tensor& user_emb, const at::Tensor& pos_emb, const at::Tensor& neg_emb,
+                                at::TensorList weights, at::TensorList biases, double margin, bool emb_grad) {
+  const char* op = "hinge_score_backward";
+  const c10::cuda::CUDAGuard guard(user_emb.device());
+  const HingeInputs in = prepare_hinge(op, user_emb, pos_emb, neg_emb, weights, biases);
+  check_hinge_grads(op, in, user_emb, d_loss, d_pos_score, d_neg_score);
+  const at::Tensor g_loss = d_loss.contiguous(), g_pos = d_pos_score.contiguous(), g_neg = d_neg_score.contiguous();
+  return backward_impl(in, user_emb, &g_loss, &g_pos, &g_neg, margin, emb_grad, nullptr, nullptr);
+}
+
+// Loss, scores and the loss's MLP gradient from the backward's one fused pass (see s2meta.cpp).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> hinge_score_grad_cuda(
+    const at::Tensor& user_emb, const at::Tensor& pos_emb, const at::Tensor& neg_emb, at::TensorList weights,
+    at::TensorList biases, double margin) {
+  const c10::cuda::CUDAGuard guard(user_emb.device());
+  const HingeInputs in = prepare_hinge("hinge_score_grad", user_emb, pos_emb, neg_emb, weights, biases);
+  const int64_t S = in.mlp.scenarios, N = in.batch;
+  const at::TensorOptions opts = user_emb.options();
+  at::Tensor pos_score = at::empty({S, N}, opts), neg_score = at::empty({S, N}, opts);
+  Grads grads = backward_impl(in, user_emb, nullptr, nullptr, nullptr, margin, false, &pos_score, &neg_score);
+  at::Tensor loss = N > 0 ? at::empty({S}, opts) : at::zeros({S}, opts);
+  if (S > 0 && N > 0) {
+    AT_DISPATCH_FLOATING_TYPES(user_emb.scalar_type(), "hinge_score_grad_cuda", [&] {
+      using T = scalar_t;
+      hinge_loss_kernel<T><<<static_cast<unsigned>(S), cuda::kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+          pos_score.const_data_ptr<T>(), neg_score.const_data_ptr<T>(), N, static_cast<T>(margin),
+          loss.mutable_data_ptr<T>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  }
+  if (!in.mlp.batched) {
+    loss = loss.squeeze(0);
+    pos_score = pos_score.squeeze(0);
+    neg_score = neg_score.squeeze(0);
+  }
+  return {loss, pos_score, neg_score, std::get<0>(grads), std::get<1>(grads)};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(s2meta, CUDA, m) {
   m.impl("hinge_score", &hinge_score_cuda);
   m.impl("hinge_score_backward", &hinge_score_backward_cuda);
+  m.impl("hinge_score_grad", &hinge_score_grad_cuda);
 }
 
 }  // namespace s2meta

@@ -1,4 +1,8 @@
-"""hinge_score: fake shape functions and autograd through the fused backward op."""
+"""hinge_score: fake shape functions and autograd through the fused backward op.
+
+hinge_score_grad (loss and MLP gradient in one pass, for first-order callers) gets a fake only:
+its outputs are gradients used as values, so it has no autograd formula of its own.
+"""
 from __future__ import annotations
 
 import torch
@@ -32,6 +36,12 @@ def _fake_backward(d_loss, d_pos_score, d_neg_score, user_emb, pos_emb, neg_emb,
     else:
         embs = [user_emb.new_empty(0) for _ in range(3)]
     return d_weights, d_biases, *embs
+
+
+@torch.library.register_fake("s2meta::hinge_score_grad")
+def _fake_grad(user_emb, pos_emb, neg_emb, weights, biases, margin=1.0):
+    loss, pos_score, neg_score = _fake(user_emb, pos_emb, neg_emb, weights, biases, margin)
+    return loss, pos_score, neg_score, [w.new_empty(w.shape) for w in weights], [b.new_empty(b.shape) for b in biases]
 
 
 def _setup_context(ctx, inputs, output):
