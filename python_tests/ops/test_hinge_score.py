@@ -153,6 +153,13 @@ class TestHingeScore:
 
         assert torch.autograd.gradcheck(fn, leaves, eps=1e-6, atol=1e-6)
 
+    def test_double_backward_raises(self):
+        user, pos, neg, weights, biases = make_case((None, 6, 4, 3), torch.float64)
+        leaves = [w.clone().requires_grad_() for w in weights]
+        loss, _, _ = op(user, pos, neg, leaves, biases, 1.0)
+        with pytest.raises(RuntimeError, match=r"hinge_score: double backward"):
+            torch.autograd.grad(loss, leaves, create_graph=True)
+
     def test_opcheck(self):
         for case in [(None, 9, 8, 3), (2, 5, 4, 2)]:
             user, pos, neg, weights, biases = make_case(case, torch.float64)

@@ -79,6 +79,13 @@ class TestScoreMatrix:
 
         assert torch.autograd.gradcheck(fn, leaves, eps=1e-6, atol=1e-6)
 
+    def test_double_backward_raises(self):
+        user, item, weights, biases = make_case((None, 3, 4, 4, 3), torch.float64)
+        leaves = [w.clone().requires_grad_() for w in weights]
+        loss = op(user, item, leaves, biases).sum()
+        with pytest.raises(RuntimeError, match=r"score_matrix: double backward"):
+            torch.autograd.grad(loss, leaves, create_graph=True)
+
     def test_opcheck(self):
         for case in [(None, 4, 6, 8, 3), (2, 3, 5, 4, 2)]:
             user, item, weights, biases = make_case(case, torch.float64)

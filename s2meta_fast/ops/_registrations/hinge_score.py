@@ -52,6 +52,10 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, d_loss, d_pos_score, d_neg_score):
+    # Grad mode is on inside a backward only under create_graph=True; the fused backward has no
+    # derivative of its own, so say so instead of returning gradients cut from the graph.
+    if torch.is_grad_enabled():
+        raise RuntimeError("hinge_score: double backward (create_graph=True) is not supported")
     saved = ctx.saved_tensors
     layers = ctx.num_layers
     user_emb, pos_emb, neg_emb = saved[:3]

@@ -25,6 +25,10 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad):
+    # The recomputation below starts from detached inputs, so under create_graph=True its result
+    # would be cut from the caller's graph: refuse rather than return a wrong second derivative.
+    if torch.is_grad_enabled():
+        raise RuntimeError("score_matrix: double backward (create_graph=True) is not supported")
     saved = ctx.saved_tensors
     layers = ctx.num_layers
     needs = ctx.needs_input_grad
