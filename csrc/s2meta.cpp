@@ -53,10 +53,20 @@ TORCH_LIBRARY(s2meta, m) {
   m.def(
       "hinge_score(Tensor user_emb, Tensor pos_emb, Tensor neg_emb, Tensor[] weights, "
       "Tensor[] biases, float margin=1.0) -> (Tensor, Tensor, Tensor)");
+  // Returns (d_weights, d_biases, d_user_emb, d_pos_emb, d_neg_emb). With emb_grad=False the
+  // three embedding gradients are empty [0] tensors and not computed: the inner loop adapts only
+  // the MLP, and the input gradient of the first (widest) layer is a quarter of the work.
   m.def(
       "hinge_score_backward(Tensor d_loss, Tensor d_pos_score, Tensor d_neg_score, Tensor user_emb, "
-      "Tensor pos_emb, Tensor neg_emb, Tensor[] weights, Tensor[] biases, float margin=1.0) "
-      "-> (Tensor[], Tensor[], Tensor, Tensor, Tensor)");
+      "Tensor pos_emb, Tensor neg_emb, Tensor[] weights, Tensor[] biases, float margin=1.0, "
+      "bool emb_grad=True) -> (Tensor[], Tensor[], Tensor, Tensor, Tensor)");
+
+  // Forward and the loss's gradient in the backward's one fused pass (d_loss = 1 per scenario, no
+  // score gradient): (loss, pos_score, neg_score, d_weights, d_biases). For a first-order inner
+  // loop, which uses the gradient as a value; the op itself is not differentiable.
+  m.def(
+      "hinge_score_grad(Tensor user_emb, Tensor pos_emb, Tensor neg_emb, Tensor[] weights, Tensor[] biases, "
+      "float margin=1.0) -> (Tensor, Tensor, Tensor, Tensor[], Tensor[])");
 
   // All-pairs scores for evaluation: out[a, b] = f(user_emb[a], item_emb[b]), with the first
   // layer split as W1 [e_u; e_i] = W1u e_u + W1i e_i so it costs A + B matvecs, not A * B.

@@ -133,6 +133,23 @@ def hinge_score(user_emb: Tensor, pos_emb: Tensor, neg_emb: Tensor,
     return loss, pos_score, neg_score
 
 
+def hinge_score_grad(user_emb: Tensor, pos_emb: Tensor, neg_emb: Tensor,
+                     weights: Sequence[Tensor], biases: Sequence[Tensor], margin: float = 1.0):
+    """:func:`hinge_score` plus the gradient of each scenario's loss w.r.t. every weight and bias.
+
+    Returns ``(loss, pos_score, neg_score, d_weights, d_biases)``, all detached: the gradients are
+    values for a first-order update, not differentiable outputs.
+    """
+    layers = len(weights)
+    with torch.enable_grad():
+        leaves = [t.detach().requires_grad_() for t in [*weights, *biases]]
+        loss, pos_score, neg_score = hinge_score(user_emb.detach(), pos_emb.detach(), neg_emb.detach(),
+                                                 leaves[:layers], leaves[layers:], margin)
+        grads = torch.autograd.grad(loss.sum(), leaves, allow_unused=True)
+    grads = [torch.zeros_like(t) if g is None else g for t, g in zip(leaves, grads)]
+    return loss.detach(), pos_score.detach(), neg_score.detach(), grads[:layers], grads[layers:]
+
+
 def score_matrix(user_emb: Tensor, item_emb: Tensor,
                  weights: Sequence[Tensor], biases: Sequence[Tensor]) -> Tensor:
     """Scores of every (user, item) pair: [A, d] x [B, d] -> [A, B] (or with a leading S dim)."""
