@@ -18,6 +18,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <tuple>
 #include <vector>
 
@@ -176,15 +177,16 @@ S2META_INLINE void block_forward(const Ctx<T>& ctx, int64_t k, int64_t s, int64_
   T* act = sc.act;
   gemm_block<T, kBlock>(w.wcat.data() + k * G * F, w.bias.data() + k * G, in, G, F, act);
   const int64_t HB = H * kBlock;
-  for (int64_t e = 0; e < 2 * HB; ++e) act[e] = Act<T>::sigmoid(act[e]);  // i, f
-  for (int64_t e = 2 * HB; e < 3 * HB; ++e) act[e] = Act<T>::tanh(act[e]);  // g
-  for (int64_t e = 3 * HB; e < 4 * HB; ++e) act[e] = Act<T>::sigmoid(act[e]);  // o
+  Act<T>::sigmoid_inplace(act, 2 * HB);           // i, f
+  Act<T>::tanh_inplace(act + 2 * HB, HB);         // g
+  Act<T>::sigmoid_inplace(act + 3 * HB, HB);      // o
   const T* gi = act;
   const T* gf = act + HB;
   const T* gg = act + 2 * HB;
   const T* go = act + 3 * HB;
   for (int64_t e = 0; e < HB; ++e) sc.c_new[e] = gf[e] * sc.c_prev[e] + gi[e] * gg[e];
-  for (int64_t e = 0; e < HB; ++e) sc.tanh_c[e] = Act<T>::tanh(sc.c_new[e]);
+  for (int64_t e = 0; e < HB; ++e) sc.tanh_c[e] = sc.c_new[e];
+  Act<T>::tanh_inplace(sc.tanh_c, HB);
   T* hn = sc.h_new;
   for (int64_t e = 0; e < HB; ++e) hn[e] = go[e] * sc.tanh_c[e];
 
@@ -224,9 +226,11 @@ S2META_INLINE void block_forward(const Ctx<T>& ctx, int64_t k, int64_t s, int64_
       za[b] += wg[q] * hn[q * kBlock + b];
       zb[b] += wg[H + q] * hn[q * kBlock + b];
     }
+  Act<T>::sigmoid_inplace(za, kBlock);
+  Act<T>::sigmoid_inplace(zb, kBlock);
   for (int b = 0; b < kBlock; ++b) {
-    sc.alpha[b] = Act<T>::sigmoid(za[b]);
-    sc.beta[b] = Act<T>::sigmoid(zb[b]);
+    sc.alpha[b] = za[b];
+    sc.beta[b] = zb[b];
   }
 }
 
@@ -419,8 +423,10 @@ template <typename T>
 __attribute__((target("avx2,fma"))) void backward_range_avx2(const Ctx<T>& ctx, int64_t b, int64_t e) {
   backward_range(ctx, b, e);
 }
+// S2META_CPU_BASELINE=1 forces the baseline build, so tests can cover it on an AVX2 machine.
 bool cpu_has_avx2() {
-  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                          std::getenv("S2META_CPU_BASELINE") == nullptr;
   return has;
 }
 #endif

@@ -13,6 +13,11 @@
 #include <cstdint>
 #include <cstring>
 
+#if defined(__GNUC__) && !defined(__clang__)
+// The 32-byte lanes below never cross a non-inlined call boundary; GCC's ABI note is noise here.
+#pragma GCC diagnostic ignored "-Wpsabi"
+#endif
+
 #if defined(__GNUC__)
 #define S2META_INLINE inline __attribute__((always_inline))
 #else
@@ -25,57 +30,99 @@ namespace lstm_cpu {
 template <typename T>
 struct Act;
 
-template <>
-struct Act<float> {
+// Written once over a generic lane type V (float, or a GCC vector of floats) so the scalar tail
+// and the vector body compute the same formula; VI is the matching unsigned type (wrapping
+// integer arithmetic, no UB on garbage lanes). GCC's auto-vectoriser will not if-convert the
+// float compares and selects here (they may trap), hence the explicit vector type, whose `?:`
+// is a lane-wise select.
+template <typename V, typename VI>
+struct FloatActImpl {
+  static S2META_INLINE V bits_to_float(VI i) {
+    V f;
+    std::memcpy(&f, &i, sizeof(f));
+    return f;
+  }
+  static S2META_INLINE VI float_to_bits(V f) {
+    VI i;
+    std::memcpy(&i, &f, sizeof(i));
+    return i;
+  }
+  static S2META_INLINE V abs(V x) { return bits_to_float(float_to_bits(x) & 0x7fffffffu); }
+
   // e^x for x <= 0 (all the activations need); 0 below -87 where e^x leaves the normal range.
-  static S2META_INLINE float exp_nonpositive(float x) {
-    const float magic = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
-    const float t = x * 1.44269504088896341f + magic;
-    const float n = t - magic;
-    int32_t t_bits;
-    std::memcpy(&t_bits, &t, sizeof(t_bits));
-    int32_t magic_bits;
-    std::memcpy(&magic_bits, &magic, sizeof(magic_bits));
-    const int32_t ni = t_bits - magic_bits;
+  static S2META_INLINE V exp_nonpositive(V x) {
+    const V magic = V{} + 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
+    const V t = x * 1.44269504088896341f + magic;
+    const V n = t - magic;
+    const VI ni = float_to_bits(t) - float_to_bits(magic);
     // ln 2 split in two so that n * hi is exact for |n| < 2^15.
-    float r = x - n * 0.693359375f;
+    V r = x - n * 0.693359375f;
     r = r - n * -2.12194440e-4f;
-    float poly = 1.0f / 5040.0f;
-    poly = poly * r + 1.0f / 720.0f;
+    V poly = r * (1.0f / 5040.0f) + 1.0f / 720.0f;
     poly = poly * r + 1.0f / 120.0f;
     poly = poly * r + 1.0f / 24.0f;
     poly = poly * r + 1.0f / 6.0f;
     poly = poly * r + 0.5f;
     poly = poly * r + 1.0f;
     poly = poly * r + 1.0f;
-    const int32_t scale_bits = (ni + 127) << 23;
-    float scale;
-    std::memcpy(&scale, &scale_bits, sizeof(scale));
-    const float result = poly * scale;
-    return x < -87.0f ? 0.0f : result;
+    const V result = poly * bits_to_float((ni + 127) << 23);
+    return x < -87.0f ? V{} : result;
   }
 
-  static S2META_INLINE float sigmoid(float z) {
-    const float e = exp_nonpositive(-std::fabs(z));
-    const float r = 1.0f / (1.0f + e);
-    return z >= 0.0f ? r : e * r;
+  static S2META_INLINE V sigmoid(V z) {
+    const V e = exp_nonpositive(-abs(z));
+    const V r = 1.0f / (1.0f + e);
+    return z >= 0.0f ? r : e * r;  // NaN: the compare is false and e * r is NaN
   }
 
-  static S2META_INLINE float tanh(float x) {
-    const float a = std::fabs(x);
-    const float e = exp_nonpositive(-2.0f * a);
-    const float large = (1.0f - e) / (1.0f + e);
-    // Taylor to x^11: relative truncation error < 3e-9 for |x| < 0.3125.
-    const float x2 = x * x;
-    float poly = -1382.0f / 155925.0f;
-    poly = poly * x2 + 62.0f / 2835.0f;
+  static S2META_INLINE V tanh(V x) {
+    const V a = abs(x);
+    const V e = exp_nonpositive(-2.0f * a);
+    const V large = (1.0f - e) / (1.0f + e);
+    // Near 0, (1 - e)/(1 + e) cancels; Taylor to x^11 has relative error < 3e-9 for |x| < 0.3125.
+    const V x2 = x * x;
+    V poly = x2 * (-1382.0f / 155925.0f) + 62.0f / 2835.0f;
     poly = poly * x2 - 17.0f / 315.0f;
     poly = poly * x2 + 2.0f / 15.0f;
     poly = poly * x2 - 1.0f / 3.0f;
-    const float small = x + x * x2 * poly;
-    const float signed_large = x < 0.0f ? -large : large;
+    const V small = x + x * x2 * poly;
+    const V signed_large = x < 0.0f ? -large : large;
     return a < 0.3125f ? small : signed_large;
   }
+};
+
+#if defined(__GNUC__) && !defined(__clang__)
+#define S2META_VECTOR_ACTIVATIONS 1
+
+typedef float FloatLanes __attribute__((vector_size(32)));
+typedef uint32_t IntLanes __attribute__((vector_size(32)));
+constexpr int kFloatLanes = 8;
+#endif
+
+template <>
+struct Act<float> {
+  using Scalar = FloatActImpl<float, uint32_t>;
+  static S2META_INLINE float sigmoid(float z) { return Scalar::sigmoid(z); }
+  static S2META_INLINE float tanh(float x) { return Scalar::tanh(x); }
+
+#ifdef S2META_VECTOR_ACTIVATIONS
+  using Lanes = FloatActImpl<FloatLanes, IntLanes>;
+#define S2META_APPLY_LANES(a, n, fn)                 \
+  int64_t e = 0;                                     \
+  for (; e + kFloatLanes <= n; e += kFloatLanes) {   \
+    FloatLanes v;                                    \
+    std::memcpy(&v, a + e, sizeof(v));               \
+    v = Lanes::fn(v);                                \
+    std::memcpy(a + e, &v, sizeof(v));               \
+  }                                                  \
+  for (; e < n; ++e) a[e] = Scalar::fn(a[e]);
+#else
+#define S2META_APPLY_LANES(a, n, fn) \
+  for (int64_t e = 0; e < n; ++e) a[e] = Scalar::fn(a[e]);
+#endif
+  static S2META_INLINE void sigmoid_inplace(float* a, int64_t n) { S2META_APPLY_LANES(a, n, sigmoid) }
+  static S2META_INLINE void tanh_inplace(float* a, int64_t n) { S2META_APPLY_LANES(a, n, tanh) }
+#undef S2META_APPLY_LANES
 };
 
 template <>
@@ -86,6 +133,12 @@ struct Act<double> {
     return z >= 0.0 ? r : e * r;
   }
   static S2META_INLINE double tanh(double x) { return std::tanh(x); }
+  static S2META_INLINE void sigmoid_inplace(double* a, int64_t n) {
+    for (int64_t e = 0; e < n; ++e) a[e] = sigmoid(a[e]);
+  }
+  static S2META_INLINE void tanh_inplace(double* a, int64_t n) {
+    for (int64_t e = 0; e < n; ++e) a[e] = std::tanh(a[e]);
+  }
 };
 
 // out[m][b] = bias[m] (or 0) + sum_k A[m][k] X[k][b] for a block of B columns. Four rows at a
