@@ -50,11 +50,10 @@ def _fake_backward(d_theta_new, d_h_new, d_c_new, d_alpha, d_beta, theta, grad, 
                    w_ih, w_hh, b_ih, b_hh, ln_weight, ln_bias, w_gate, b_gate, p=10.0, clip=1.0):
     _check("lstm_update_multi_backward", theta, grad, loss, h, c, offsets, w_ih, w_hh, b_ih, b_hh, ln_weight,
            ln_bias, w_gate, b_gate)
-    no_ln = theta.new_empty(0)
     return (torch.empty_like(theta), torch.empty_like(h), torch.empty_like(c), torch.empty_like(w_ih),
             torch.empty_like(w_hh), torch.empty_like(b_ih), torch.empty_like(b_hh),
-            no_ln if ln_weight is None else torch.empty_like(ln_weight),
-            no_ln if ln_bias is None else torch.empty_like(ln_bias),
+            theta.new_empty(0) if ln_weight is None else torch.empty_like(ln_weight),
+            theta.new_empty(0) if ln_bias is None else torch.empty_like(ln_bias),
             torch.empty_like(w_gate), torch.empty_like(b_gate))
 
 
