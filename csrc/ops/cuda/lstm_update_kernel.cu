@@ -425,8 +425,13 @@ at::Tensor optional_or_empty(const std::optional<at::Tensor>& t) {
   return t.has_value() && t->defined() ? t->contiguous() : at::Tensor();
 }
 
+// Per-thread state lives in registers, sized at compile time; one instantiation keeps the
+// build short (the paper uses H = 16).
+constexpr int kMaxHiddenCuda = 16;
+
 void check_hidden(const Dims& d) {
-  TORCH_CHECK(d.H <= 32, "lstm_update_multi: the CUDA kernels support hidden sizes up to 32, got H = ", d.H);
+  TORCH_CHECK(d.H <= kMaxHiddenCuda, "lstm_update_multi: the CUDA kernels support hidden sizes up to ",
+              kMaxHiddenCuda, ", got H = ", d.H, " (h.size(2))");
 }
 
 using Outputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
@@ -463,13 +468,8 @@ Outputs lstm_update_multi_cuda(const at::Tensor& theta_in, const at::Tensor& gra
     a.alpha = alpha.mutable_data_ptr<scalar_t>();
     a.beta = beta.mutable_data_ptr<scalar_t>();
     const size_t smem = sizeof(scalar_t) * controller_smem_elems<scalar_t>(a.H);
-    if (d.H <= 16) {
-      lstm_forward_kernel<scalar_t, 16><<<blocks, kForwardThreads, smem, stream>>>(a, seg);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    } else {
-      lstm_forward_kernel<scalar_t, 32><<<blocks, kForwardThreads, smem, stream>>>(a, seg);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    }
+    lstm_forward_kernel<scalar_t, kMaxHiddenCuda><<<blocks, kForwardThreads, smem, stream>>>(a, seg);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {theta_new, h_new, c_new, alpha, beta};
 }
@@ -540,15 +540,9 @@ Gradients lstm_update_multi_backward_cuda(
     a.g_b_gate = d_b_gate.mutable_data_ptr<scalar_t>();
     const size_t smem =
         sizeof(scalar_t) * (controller_smem_elems<scalar_t>(a.H) + size_t(kBackwardThreads) * stash_elems(a.H));
-    if (d.H <= 16) {
-      allow_shared(lstm_backward_kernel<scalar_t, 16>, smem);
-      lstm_backward_kernel<scalar_t, 16><<<blocks, kBackwardThreads, smem, stream>>>(a, seg);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    } else {
-      allow_shared(lstm_backward_kernel<scalar_t, 32>, smem);
-      lstm_backward_kernel<scalar_t, 32><<<blocks, kBackwardThreads, smem, stream>>>(a, seg);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    }
+    allow_shared(lstm_backward_kernel<scalar_t, kMaxHiddenCuda>, smem);
+    lstm_backward_kernel<scalar_t, kMaxHiddenCuda><<<blocks, kBackwardThreads, smem, stream>>>(a, seg);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
     const int64_t reduce_items = d.K * P;
     const int reduce_threads = 256;
     const int reduce_blocks = static_cast<int>(std::min<int64_t>((reduce_items + reduce_threads - 1) / reduce_threads, 4096));
