@@ -84,7 +84,7 @@ class TestGradPreprocess:
         with pytest.raises(RuntimeError, match="p must be positive"):
             torch.ops.s2meta.grad_preprocess(torch.ones(2), 0.0)
 
-    @settings(max_examples=30, deadline=None)
+    @settings(max_examples=30, deadline=None, derandomize=True)
     @given(values=st.lists(st.floats(allow_nan=True, allow_infinity=True, width=32), min_size=0, max_size=64),
            dtype=st.sampled_from([torch.float32, torch.float64]))
     def test_fuzz_against_reference(self, values, dtype):

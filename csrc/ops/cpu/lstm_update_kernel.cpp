@@ -58,7 +58,8 @@ std::vector<Chunk> make_chunks(const Dims& d, at::IntArrayRef offsets) {
 // biases summed, and W_hh transposed for the backward's dh = W_hh^T dz.
 template <typename T>
 struct PreparedWeights {
-  std::vector<T> wcat, bias, whh_t;
+  std::vector<T> wcat, wpack, bias, whh_t;  // wpack: wcat as [K][4H/4][5+H][4]
+  std::vector<T> whh_t_pack, zeros;            // whh_t as [K][H/4][4H][4] when 4 divides H
   const T* ln_w = nullptr;
   const T* ln_b = nullptr;
   const T* w_gate = nullptr;
@@ -82,11 +83,23 @@ struct PreparedWeights {
         bias[k * G + r] = bi[k * G + r] + bh[k * G + r];
       }
     }
+    wpack.resize(wcat.size());
+    for (int64_t k = 0; k < d.K; ++k)
+      for (int64_t r = 0; r < G; ++r)
+        for (int64_t j = 0; j < F; ++j) wpack[((k * G + r / 4 * 4) * F + j * 4) + r % 4] = wcat[(k * G + r) * F + j];
     if (transpose_hh) {
       whh_t.resize(d.K * H * G);
       for (int64_t k = 0; k < d.K; ++k)
         for (int64_t r = 0; r < G; ++r)
           for (int64_t q = 0; q < H; ++q) whh_t[(k * H + q) * G + r] = wh[(k * G + r) * H + q];
+      if (H % 4 == 0) {  // the same, packed in groups of four rows for gemm_block_packed4
+        whh_t_pack.resize(whh_t.size());
+        for (int64_t k = 0; k < d.K; ++k)
+          for (int64_t q = 0; q < H; ++q)
+            for (int64_t r = 0; r < G; ++r)
+              whh_t_pack[(k * H + q / 4 * 4) * G + r * 4 + q % 4] = whh_t[(k * H + q) * G + r];
+        zeros.assign(H, T(0));
+      }
     }
     if (d.layer_norm) {
       ln_w = ln_weight.const_data_ptr<T>();
@@ -175,7 +188,7 @@ S2META_INLINE void block_forward(const Ctx<T>& ctx, int64_t k, int64_t s, int64_
   }
 
   T* act = sc.act;
-  gemm_block<T, kBlock>(w.wcat.data() + k * G * F, w.bias.data() + k * G, in, G, F, act);
+  lstm_cpu::gemm_block_packed4<T, kBlock>(w.wpack.data() + k * G * F, w.bias.data() + k * G, in, G, F, act);
   const int64_t HB = H * kBlock;
   Act<T>::sigmoid_inplace(act, 2 * HB);           // i, f
   Act<T>::tanh_inplace(act + 2 * HB, HB);         // g
@@ -365,7 +378,11 @@ S2META_INLINE void block_backward(const Ctx<T>& ctx, int64_t k, int64_t s, int64
     d_c[e] = dc_tot * f;
   }
   T* dh = sc.dh_out;
-  gemm_block<T, kBlock>(w.whh_t.data() + k * H * G, nullptr, dz, H, G, dh);
+  if (H % 4 == 0) {
+    lstm_cpu::gemm_block_packed4<T, kBlock>(w.whh_t_pack.data() + k * H * G, w.zeros.data(), dz, H, G, dh);
+  } else {
+    gemm_block<T, kBlock>(w.whh_t.data() + k * H * G, nullptr, dz, H, G, dh);
+  }
   for (int b = 0; b < nb; ++b) {
     T* dh_row = ctx.d_h + (base + b) * H;
     T* dc_row = ctx.d_c + (base + b) * H;
@@ -384,14 +401,7 @@ S2META_INLINE void block_backward(const Ctx<T>& ctx, int64_t k, int64_t s, int64
     row[F] = T(1);
     for (int64_t j = F + 1; j < FP; ++j) row[j] = T(0);
   }
-  for (int b = 0; b < kBlock; ++b) {
-    const T* x = in_t + b * FP;
-    for (int64_t r = 0; r < G; ++r) {
-      const T wv = dz[r * kBlock + b];
-      T* acc = partial + r * FP;
-      for (int64_t j = 0; j < FP; ++j) acc[j] += wv * x[j];
-    }
-  }
+  lstm_cpu::accumulate_outer<T, kBlock>(partial, dz, in_t, G, FP);
 }
 
 template <typename T>

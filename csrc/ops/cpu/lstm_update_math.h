@@ -190,5 +190,129 @@ S2META_INLINE void gemm_block(const T* __restrict__ A, const T* __restrict__ bia
   }
 }
 
+// As gemm_block for M a multiple of 4, with A packed as [M/4][Kd][4]: the four rows' weights for
+// one k are adjacent, so the inner loop walks one pointer instead of four (fewer live registers).
+template <typename T, int B>
+S2META_INLINE void gemm_block_packed4(const T* __restrict__ A4, const T* __restrict__ bias, const T* __restrict__ X,
+                                      int64_t M, int64_t Kd, T* __restrict__ out) {
+  for (int64_t m = 0; m < M; m += 4) {
+    T acc0[B], acc1[B], acc2[B], acc3[B];
+    for (int b = 0; b < B; ++b) {
+      acc0[b] = bias[m];
+      acc1[b] = bias[m + 1];
+      acc2[b] = bias[m + 2];
+      acc3[b] = bias[m + 3];
+    }
+    const T* a = A4 + m * Kd;
+    for (int64_t k = 0; k < Kd; ++k) {
+      const T* x = X + k * B;
+      const T w0 = a[4 * k], w1 = a[4 * k + 1], w2 = a[4 * k + 2], w3 = a[4 * k + 3];
+      for (int b = 0; b < B; ++b) {
+        acc0[b] += w0 * x[b];
+        acc1[b] += w1 * x[b];
+        acc2[b] += w2 * x[b];
+        acc3[b] += w3 * x[b];
+      }
+    }
+    for (int b = 0; b < B; ++b) {
+      out[m * B + b] = acc0[b];
+      out[(m + 1) * B + b] = acc1[b];
+      out[(m + 2) * B + b] = acc2[b];
+      out[(m + 3) * B + b] = acc3[b];
+    }
+  }
+}
+
+// acc[r][j] += sum_b dz[r][b] x_t[b][j] for r < M, j < FP (the weight-gradient outer products of
+// a block): dz is [M][B], x_t is [B][FP], acc is [M][FP].
+template <typename T, int B>
+S2META_INLINE void accumulate_outer(T* __restrict__ acc, const T* __restrict__ dz, const T* __restrict__ x_t,
+                                    int64_t M, int64_t FP) {
+  for (int b = 0; b < B; ++b) {
+    const T* x = x_t + b * FP;
+    for (int64_t r = 0; r < M; ++r) {
+      const T w = dz[r * B + b];
+      T* row = acc + r * FP;
+      for (int64_t j = 0; j < FP; ++j) row[j] += w * x[j];
+    }
+  }
+}
+
+#ifdef S2META_VECTOR_ACTIVATIONS
+// float, FP a multiple of 8: a 4-row x 8-column tile stays in four vector registers across the
+// B lanes, instead of a load-FMA-store of the accumulator per lane.
+template <>
+S2META_INLINE void accumulate_outer<float, 16>(float* __restrict__ acc, const float* __restrict__ dz,
+                                               const float* __restrict__ x_t, int64_t M, int64_t FP) {
+  if (M % 4 != 0 || FP % kFloatLanes != 0) {
+    for (int b = 0; b < 16; ++b)
+      for (int64_t r = 0; r < M; ++r)
+        for (int64_t j = 0; j < FP; ++j) acc[r * FP + j] += dz[r * 16 + b] * x_t[b * FP + j];
+    return;
+  }
+  for (int64_t r = 0; r < M; r += 4) {
+    const float* d0 = dz + r * 16;
+    for (int64_t j = 0; j < FP; j += kFloatLanes) {
+      float* o = acc + r * FP + j;
+      FloatLanes c0, c1, c2, c3;
+      std::memcpy(&c0, o, 32);
+      std::memcpy(&c1, o + FP, 32);
+      std::memcpy(&c2, o + 2 * FP, 32);
+      std::memcpy(&c3, o + 3 * FP, 32);
+      for (int b = 0; b < 16; ++b) {
+        FloatLanes x;
+        std::memcpy(&x, x_t + b * FP + j, 32);
+        c0 += d0[b] * x;
+        c1 += d0[16 + b] * x;
+        c2 += d0[32 + b] * x;
+        c3 += d0[48 + b] * x;
+      }
+      std::memcpy(o, &c0, 32);
+      std::memcpy(o + FP, &c1, 32);
+      std::memcpy(o + 2 * FP, &c2, 32);
+      std::memcpy(o + 3 * FP, &c3, 32);
+    }
+  }
+}
+
+// float, 16 lanes: eight named vector accumulators. GCC keeps named vectors in registers; the
+// array form above gets spilled to the stack inside the k loop (3x slower at H = 16).
+template <>
+S2META_INLINE void gemm_block_packed4<float, 16>(const float* __restrict__ A4, const float* __restrict__ bias,
+                                                 const float* __restrict__ X, int64_t M, int64_t Kd,
+                                                 float* __restrict__ out) {
+  for (int64_t m = 0; m < M; m += 4) {
+    FloatLanes a00 = FloatLanes{} + bias[m], a01 = a00;
+    FloatLanes a10 = FloatLanes{} + bias[m + 1], a11 = a10;
+    FloatLanes a20 = FloatLanes{} + bias[m + 2], a21 = a20;
+    FloatLanes a30 = FloatLanes{} + bias[m + 3], a31 = a30;
+    const float* a = A4 + m * Kd;
+    for (int64_t k = 0; k < Kd; ++k) {
+      FloatLanes x0, x1;
+      std::memcpy(&x0, X + k * 16, sizeof(x0));
+      std::memcpy(&x1, X + k * 16 + 8, sizeof(x1));
+      const float w0 = a[4 * k], w1 = a[4 * k + 1], w2 = a[4 * k + 2], w3 = a[4 * k + 3];
+      a00 += w0 * x0;
+      a01 += w0 * x1;
+      a10 += w1 * x0;
+      a11 += w1 * x1;
+      a20 += w2 * x0;
+      a21 += w2 * x1;
+      a30 += w3 * x0;
+      a31 += w3 * x1;
+    }
+    float* o = out + m * 16;
+    std::memcpy(o, &a00, 32);
+    std::memcpy(o + 8, &a01, 32);
+    std::memcpy(o + 16, &a10, 32);
+    std::memcpy(o + 24, &a11, 32);
+    std::memcpy(o + 32, &a20, 32);
+    std::memcpy(o + 40, &a21, 32);
+    std::memcpy(o + 48, &a30, 32);
+    std::memcpy(o + 56, &a31, 32);
+  }
+}
+#endif
+
 }  // namespace lstm_cpu
 }  // namespace s2meta
