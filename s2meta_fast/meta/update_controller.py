@@ -1,8 +1,14 @@
-"""Update controllers: one coordinatewise LSTM per adapted tensor (SPEC §3, paper Eqs. 7-8).
+"""The update controller of s²Meta (SPEC §3): one coordinatewise LSTM per adapted tensor.
 
-`UpdateController` is the pure-PyTorch implementation; `FastUpdateController` has the same
-constructor and parameters and runs the fused `lstm_update_multi` op (one launch per step for
-all tensors and all scenarios).
+Every scalar of the recommender's flat parameters θ ``[S, N]`` carries its own LSTM state
+``(h, c)``; the K tensors (segments of θ, see :attr:`offsets`) each have their own controller
+weights, stacked on a leading K dim. One step computes input/forget gates α, β per scalar and
+``θ' = β ⊙ θ − α ⊙ clamp(∇)``.
+
+:class:`UpdateController` runs the pure-PyTorch reference (a loop over the K tensors);
+:class:`FastUpdateController` runs the fused ``lstm_update_multi`` op (one kernel launch for all
+tensors and scenarios). They share constructor, parameters and ``state_dict``, so either can load
+the other's checkpoint and they compute the same numbers.
 """
 from __future__ import annotations
 
@@ -18,114 +24,164 @@ from ..ops import _reference
 State = Tuple[Tensor, Tensor]
 
 
-class UpdateController(nn.Module):
-    """Coordinatewise-LSTM update rule ``θ' = β ⊙ θ − α ⊙ clamp(∇)`` for a flat θ [S, N].
+class _UpdateControllerBase(nn.Module):
+    """Parameters, initialisation and argument checks shared by both controllers.
 
     Args:
         param_shapes: shapes of the K adapted tensors, in the order they are concatenated in θ.
-        hidden_size: H, the LSTM width per coordinate (16 in the paper).
-        p: Eq. 12 preprocessing constant.
-        clip: gradient clamp; the clamped gradient is also the one used in the update.
-        layer_norm: LayerNorm over the H units of the new hidden state (authors' code).
-        forget_bias_fix: the authors set ``b_ih[4:8] = 1``, which lies inside the *input*-gate
-            block of PyTorch's (i, f, g, o) layout, although a forget-gate bias was almost
-            certainly meant. False (default) reproduces their code; True sets the forget-gate
-            block ``b_ih[H:2H] = 1`` instead.
+        hidden_size: LSTM hidden size H (16 in the paper).
+        p: the Eq. 12 preprocessing constant.
+        clip: gradients are clamped to ``[-clip, clip]`` before the update and as a feature.
+        layer_norm: apply a learned LayerNorm to the hidden state (the authors' code does).
+        forget_bias_fix: where to put the authors' +1 LSTM bias. The authors' code sets the
+            bias slice ``[4:8]`` to 1, which with PyTorch's (i, f, g, o) gate order lies inside
+            the *input*-gate block (almost certainly meant as the usual forget-gate bias). The
+            default ``False`` reproduces that faithfully; ``True`` sets the forget-gate block
+            ``b_ih[:, H:2H]`` to 1 instead.
+
+    Parameters (all stacked over the K tensors): ``w_ih [K,4H,5]``, ``w_hh [K,4H,H]``,
+    ``b_ih [K,4H]``, ``b_hh [K,4H]``, ``ln_weight [K,H]``, ``ln_bias [K,H]`` (only with
+    ``layer_norm``), ``w_gate [K,2,H]`` (row 0 → α, row 1 → β), ``b_gate [K,2]``, and the learned
+    initial state ``h0 [K,H]``, ``c0 [K,H]``.
     """
 
     def __init__(self, param_shapes: Sequence[Sequence[int]], hidden_size: int = 16, p: float = 10.0,
-                 clip: float = 1.0, layer_norm: bool = True, forget_bias_fix: bool = False):
+                 clip: float = 1.0, layer_norm: bool = True, forget_bias_fix: bool = False) -> None:
         super().__init__()
-        if len(param_shapes) == 0:
-            raise ValueError("param_shapes: need at least one tensor to adapt")
-        if hidden_size <= 0:
+        shapes = [tuple(int(d) for d in shape) for shape in param_shapes]
+        if not shapes:
+            raise ValueError("param_shapes must name at least one tensor, got an empty list")
+        if any(d < 0 for shape in shapes for d in shape):
+            raise ValueError(f"param_shapes must have non-negative sizes, got {shapes}")
+        if int(hidden_size) <= 0:
             raise ValueError(f"hidden_size must be positive, got {hidden_size}")
-        if p <= 0 or clip <= 0:
-            raise ValueError(f"p and clip must be positive, got p={p}, clip={clip}")
-        self.param_shapes = [tuple(int(d) for d in shape) for shape in param_shapes]
-        sizes = [math.prod(shape) for shape in self.param_shapes]
-        self.offsets: List[int] = [0]
-        for size in sizes:
-            self.offsets.append(self.offsets[-1] + size)
-        self.hidden_size, self.p, self.clip = hidden_size, float(p), float(clip)
-        self.forget_bias_fix = forget_bias_fix
-        k, h = len(sizes), hidden_size
-        self.w_ih = nn.Parameter(torch.empty(k, 4 * h, 5))
-        self.w_hh = nn.Parameter(torch.empty(k, 4 * h, h))
-        self.b_ih = nn.Parameter(torch.empty(k, 4 * h))
-        self.b_hh = nn.Parameter(torch.empty(k, 4 * h))
-        if layer_norm:
-            self.ln_weight = nn.Parameter(torch.ones(k, h))
-            self.ln_bias = nn.Parameter(torch.zeros(k, h))
+        if not p > 0:
+            raise ValueError(f"p must be positive, got {p}")
+        if not clip >= 0:
+            raise ValueError(f"clip must be non-negative, got {clip}")
+        self.param_shapes: List[Tuple[int, ...]] = shapes
+        self.hidden_size = H = int(hidden_size)
+        self.p, self.clip = float(p), float(clip)
+        self.layer_norm, self.forget_bias_fix = bool(layer_norm), bool(forget_bias_fix)
+        offsets = [0]
+        for shape in shapes:
+            offsets.append(offsets[-1] + math.prod(shape))
+        self.offsets: List[int] = offsets
+        K = len(shapes)
+
+        self.w_ih = nn.Parameter(torch.empty(K, 4 * H, 5))
+        self.w_hh = nn.Parameter(torch.empty(K, 4 * H, H))
+        self.b_ih = nn.Parameter(torch.empty(K, 4 * H))
+        self.b_hh = nn.Parameter(torch.empty(K, 4 * H))
+        if self.layer_norm:
+            self.ln_weight = nn.Parameter(torch.ones(K, H))
+            self.ln_bias = nn.Parameter(torch.zeros(K, H))
         else:
             self.register_parameter("ln_weight", None)
             self.register_parameter("ln_bias", None)
-        self.w_gate = nn.Parameter(torch.empty(k, 2, h))
-        self.b_gate = nn.Parameter(torch.empty(k, 2))
-        self.h0 = nn.Parameter(torch.zeros(k, h))
-        self.c0 = nn.Parameter(torch.zeros(k, h))
+        self.w_gate = nn.Parameter(torch.empty(K, 2, H))
+        self.b_gate = nn.Parameter(torch.empty(K, 2))
+        self.h0 = nn.Parameter(torch.zeros(K, H))
+        self.c0 = nn.Parameter(torch.zeros(K, H))
+        # Which controller each coordinate uses; derived from param_shapes, so not saved.
+        segment = torch.repeat_interleave(torch.arange(K), torch.tensor([o1 - o0 for o0, o1 in zip(offsets, offsets[1:])]))
+        self.register_buffer("segment_index", segment, persistent=False)
         self.reset_parameters()
 
-    @property
-    def n_params(self) -> int:
-        return self.offsets[-1]
-
     def reset_parameters(self) -> None:
-        bound = 1.0 / math.sqrt(self.hidden_size)  # nn.LSTMCell's default
+        """SPEC §3 initialisation (the authors' code), including their bias quirk."""
+        H = self.hidden_size
+        bound = 1.0 / math.sqrt(H)  # nn.LSTMCell's default
         with torch.no_grad():
             for weight in (self.w_ih, self.w_hh, self.b_ih, self.b_hh):
                 weight.uniform_(-bound, bound)
             if self.forget_bias_fix:
-                self.b_ih[:, self.hidden_size:2 * self.hidden_size] = 1.0
+                self.b_ih[:, H:2 * H] = 1.0
             else:
                 self.b_ih[:, 4:8] = 1.0
             for k in range(self.w_gate.shape[0]):
                 nn.init.xavier_normal_(self.w_gate[k])
-            self.b_gate[:, 0] = 0.0   # α₀ ≈ 0.5
-            self.b_gate[:, 1] = 5.0   # β₀ ≈ 0.993: start close to "keep θ"
+            self.b_gate[:, 0] = 0.0  # α₀ ≈ 0.5
+            self.b_gate[:, 1] = 5.0  # β₀ ≈ 0.993
+            if self.layer_norm:
+                self.ln_weight.fill_(1.0)
+                self.ln_bias.zero_()
             self.h0.zero_()
             self.c0.zero_()
 
-    def initial_state(self, n_scenarios: int) -> State:
-        """Per-coordinate (h, c) [S, N, H], each coordinate starting from its tensor's h0/c0."""
-        counts = torch.tensor([hi - lo for lo, hi in zip(self.offsets[:-1], self.offsets[1:])],
-                              device=self.h0.device)
-        h = torch.repeat_interleave(self.h0, counts, dim=0, output_size=self.n_params)
-        c = torch.repeat_interleave(self.c0, counts, dim=0, output_size=self.n_params)
-        return (h.unsqueeze(0).expand(n_scenarios, -1, -1), c.unsqueeze(0).expand(n_scenarios, -1, -1))
+    @property
+    def n_params(self) -> int:
+        """N, the number of scalars in θ."""
+        return self.offsets[-1]
 
-    def _update(self, theta: Tensor, grad: Tensor, loss: Tensor, h: Tensor, c: Tensor):
-        return _reference.lstm_update_multi(theta, grad, loss, h, c, self.offsets, self.w_ih, self.w_hh,
-                                            self.b_ih, self.b_hh, self.ln_weight, self.ln_bias,
-                                            self.w_gate, self.b_gate, self.p, self.clip)
+    def initial_state(self, num_scenarios: int = 1) -> State:
+        """The learned initial ``(h, c)``, ``[S, N, H]`` each (differentiable in h0, c0)."""
+        if int(num_scenarios) < 1:
+            raise ValueError(f"num_scenarios must be >= 1, got {num_scenarios}")
+        shape = (int(num_scenarios), self.n_params, self.hidden_size)
+        return self.h0[self.segment_index].expand(shape), self.c0[self.segment_index].expand(shape)
 
-    def forward(self, theta: Tensor, grad: Tensor, loss: Tensor, state: State):
-        """One update of S scenarios' flat parameters.
+    def _check(self, theta: Tensor, grad: Tensor, loss: Tensor, state: State) -> Tuple[Tensor, Tensor, Tensor]:
+        if theta.dim() != 2 or theta.shape[1] != self.n_params:
+            raise ValueError(f"theta must have shape [S, {self.n_params}], got {tuple(theta.shape)}")
+        if grad.shape != theta.shape:
+            raise ValueError(f"grad must have theta's shape {tuple(theta.shape)}, got {tuple(grad.shape)}")
+        if loss.dim() == 0 and theta.shape[0] == 1:
+            loss = loss.reshape(1)
+        if loss.shape != (theta.shape[0],):
+            raise ValueError(f"loss must have shape [{theta.shape[0]}] (one per scenario), got {tuple(loss.shape)}")
+        if len(state) != 2:
+            raise ValueError(f"state must be a pair (h, c), got {len(state)} items")
+        h, c = state
+        expected = (theta.shape[0], self.n_params, self.hidden_size)
+        for name, t in (("h", h), ("c", c)):
+            if tuple(t.shape) != expected:
+                raise ValueError(f"{name} must have shape {list(expected)}, got {tuple(t.shape)}")
+        return loss, h, c
+
+    def _weights(self):
+        return (self.w_ih, self.w_hh, self.b_ih, self.b_hh, self.ln_weight, self.ln_bias, self.w_gate, self.b_gate)
+
+    def forward(self, theta: Tensor, grad: Tensor, loss: Tensor, state: State) -> Tuple[Tensor, State, Tensor, Tensor]:
+        """One update of θ.
 
         Args:
-            theta: [S, N] parameters (gradients flow through β ⊙ θ).
-            grad: [S, N] loss gradients (a constant: first-order meta-gradient).
-            loss: [S] batch losses.
-            state: (h, c), each [S, N, H].
+            theta: ``[S, N]`` current parameters (differentiable: the meta-gradient flows through β ⊙ θ).
+            grad: ``[S, N]`` their loss gradient (treated as a constant: first order).
+            loss: ``[S]`` batch loss per scenario (a constant feature).
+            state: ``(h, c)``, ``[S, N, H]`` each, from :meth:`initial_state` or the previous step.
 
         Returns:
-            ``(theta_new, (h_new, c_new), alpha, beta)``; alpha and beta are [S, N].
+            ``(theta_new, (h_new, c_new), alpha, beta)``; alpha and beta are ``[S, N]``.
         """
-        if theta.dim() != 2 or theta.shape[1] != self.n_params:
-            raise ValueError(f"theta must be [S, {self.n_params}], got {tuple(theta.shape)}")
-        if grad.shape != theta.shape:
-            raise ValueError(f"grad must match theta's shape {tuple(theta.shape)}, got {tuple(grad.shape)}")
-        if loss.shape != theta.shape[:1]:
-            raise ValueError(f"loss must be [S] = [{theta.shape[0]}], got {tuple(loss.shape)}")
-        h, c = state
-        theta_new, h_new, c_new, alpha, beta = self._update(theta, grad.detach(), loss.detach(), h, c)
+        loss, h, c = self._check(theta, grad, loss, state)
+        theta_new, h_new, c_new, alpha, beta = self._step(theta, grad, loss, h, c, self.offsets, *self._weights(),
+                                                          self.p, self.clip)
         return theta_new, (h_new, c_new), alpha, beta
 
+    def extra_repr(self) -> str:
+        return (f"tensors={len(self.param_shapes)}, n_params={self.n_params}, hidden_size={self.hidden_size}, "
+                f"p={self.p}, clip={self.clip}, layer_norm={self.layer_norm}, "
+                f"forget_bias_fix={self.forget_bias_fix}")
 
-class FastUpdateController(UpdateController):
-    """Drop-in for :class:`UpdateController` on the fused ``lstm_update_multi`` op."""
 
-    def _update(self, theta: Tensor, grad: Tensor, loss: Tensor, h: Tensor, c: Tensor):
-        return ops.lstm_update_multi(theta, grad, loss, h, c, self.offsets, self.w_ih, self.w_hh,
-                                     self.b_ih, self.b_hh, self.ln_weight, self.ln_bias,
-                                     self.w_gate, self.b_gate, self.p, self.clip)
+class UpdateController(_UpdateControllerBase):
+    """Pure-PyTorch update controller: the reference math, one segment of θ at a time."""
+
+    @staticmethod
+    def _step(*args):
+        return _reference.lstm_update_multi(*args)
+
+
+class FastUpdateController(_UpdateControllerBase):
+    """Fused update controller: all tensors and scenarios in one ``lstm_update_multi`` launch.
+
+    Same constructor, parameters and ``state_dict`` as :class:`UpdateController`.
+    """
+
+    @staticmethod
+    def _step(*args):
+        return ops.lstm_update_multi(*args)
+
+
+__all__ = ["UpdateController", "FastUpdateController"]

@@ -1,0 +1,646 @@
+// lstm_update_multi on the CPU: the coordinatewise-LSTM step of SPEC §3 (formula in
+// ops/lstm_update.h) for every coordinate of S scenarios x K segments, and its fused backward,
+// which recomputes the forward's intermediates instead of storing them.
+//
+// Layout: coordinates are processed in blocks of kBlock that never straddle a segment, stored
+// feature-major ([row][lane]) so the 4H x (5+H) matvec becomes a register-blocked GEMM and
+// every activation a flat loop the compiler vectorises. Blocks are grouped into chunks of one
+// controller each; the backward accumulates weight gradients per chunk and sums the chunks of
+// each controller in a fixed order, so results do not depend on the number of threads.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/zeros.h>
+#include <ATen/ops/zeros_like.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <tuple>
+#include <vector>
+
+#include "common.h"
+#include "ops/cpu/lstm_update_math.h"
+#include "ops/grad_preprocess.h"
+#include "ops/lstm_update.h"
+
+namespace s2meta {
+namespace {
+
+using lstm::Dims;
+using lstm_cpu::Act;
+using lstm_cpu::gemm_block;
+
+constexpr int kBlock = 16;            // coordinates per block (lanes)
+constexpr int64_t kChunkBlocks = 32;  // blocks per chunk: the unit of parallel work
+
+// A run of blocks [t_begin, t_end) of controller k; block t covers scenario t / blocks_per_row,
+// coordinates offsets[k] + (t % blocks_per_row) * kBlock onwards.
+struct Chunk {
+  int64_t k, t_begin, t_end, blocks_per_row;
+};
+
+std::vector<Chunk> make_chunks(const Dims& d, at::IntArrayRef offsets) {
+  std::vector<Chunk> chunks;
+  for (int64_t k = 0; k < d.K; ++k) {
+    const int64_t n = offsets[k + 1] - offsets[k];
+    const int64_t per_row = (n + kBlock - 1) / kBlock;
+    const int64_t total = per_row * d.S;
+    for (int64_t t = 0; t < total; t += kChunkBlocks) chunks.push_back({k, t, std::min(total, t + kChunkBlocks), per_row});
+  }
+  return chunks;
+}
+
+// Controller weights rearranged once per call: [W_ih | W_hh] as one [4H, 5+H] matrix, the two
+// biases summed, and W_hh transposed for the backward's dh = W_hh^T dz.
+template <typename T>
+struct PreparedWeights {
+  std::vector<T> wcat, wpack, bias, whh_t;  // wpack: wcat as [K][4H/4][5+H][4]
+  std::vector<T> whh_t_pack, zeros;            // whh_t as [K][H/4][4H][4] when 4 divides H
+  const T* ln_w = nullptr;
+  const T* ln_b = nullptr;
+  const T* w_gate = nullptr;
+  const T* b_gate = nullptr;
+
+  PreparedWeights(const Dims& d, const at::Tensor& w_ih, const at::Tensor& w_hh, const at::Tensor& b_ih,
+                  const at::Tensor& b_hh, const at::Tensor& ln_weight, const at::Tensor& ln_bias,
+                  const at::Tensor& w_gate_t, const at::Tensor& b_gate_t, bool transpose_hh) {
+    const int64_t H = d.H, G = 4 * H, F = lstm::kFeatures + H;
+    wcat.resize(d.K * G * F);
+    bias.resize(d.K * G);
+    const T* wi = w_ih.const_data_ptr<T>();
+    const T* wh = w_hh.const_data_ptr<T>();
+    const T* bi = b_ih.const_data_ptr<T>();
+    const T* bh = b_hh.const_data_ptr<T>();
+    for (int64_t k = 0; k < d.K; ++k) {
+      for (int64_t r = 0; r < G; ++r) {
+        T* row = wcat.data() + (k * G + r) * F;
+        for (int64_t j = 0; j < lstm::kFeatures; ++j) row[j] = wi[(k * G + r) * lstm::kFeatures + j];
+        for (int64_t q = 0; q < H; ++q) row[lstm::kFeatures + q] = wh[(k * G + r) * H + q];
+        bias[k * G + r] = bi[k * G + r] + bh[k * G + r];
+      }
+    }
+    wpack.resize(wcat.size());
+    for (int64_t k = 0; k < d.K; ++k)
+      for (int64_t r = 0; r < G; ++r)
+        for (int64_t j = 0; j < F; ++j) wpack[((k * G + r / 4 * 4) * F + j * 4) + r % 4] = wcat[(k * G + r) * F + j];
+    if (transpose_hh) {
+      whh_t.resize(d.K * H * G);
+      for (int64_t k = 0; k < d.K; ++k)
+        for (int64_t r = 0; r < G; ++r)
+          for (int64_t q = 0; q < H; ++q) whh_t[(k * H + q) * G + r] = wh[(k * G + r) * H + q];
+      if (H % 4 == 0) {  // the same, packed in groups of four rows for gemm_block_packed4
+        whh_t_pack.resize(whh_t.size());
+        for (int64_t k = 0; k < d.K; ++k)
+          for (int64_t q = 0; q < H; ++q)
+            for (int64_t r = 0; r < G; ++r)
+              whh_t_pack[(k * H + q / 4 * 4) * G + r * 4 + q % 4] = whh_t[(k * H + q) * G + r];
+        zeros.assign(H, T(0));
+      }
+    }
+    if (d.layer_norm) {
+      ln_w = ln_weight.const_data_ptr<T>();
+      ln_b = ln_bias.const_data_ptr<T>();
+    }
+    w_gate = w_gate_t.const_data_ptr<T>();
+    b_gate = b_gate_t.const_data_ptr<T>();
+  }
+};
+
+// Everything a block needs, for the forward and the backward.
+template <typename T>
+struct Ctx {
+  Dims d;
+  const int64_t* offsets;
+  const Chunk* chunks;
+  const PreparedWeights<T>* w;
+  const T* theta;
+  const T* grad;
+  const T* h;
+  const T* c;
+  const T* loss_feature;  // [S], pre(loss)_0
+  T p, threshold, exp_p, clip, eps;
+  // forward outputs
+  T *theta_new = nullptr, *h_new = nullptr, *c_new = nullptr, *alpha_out = nullptr, *beta_out = nullptr;
+  // backward inputs / outputs
+  const T *d_theta_new = nullptr, *d_h_new = nullptr, *d_c_new = nullptr, *d_alpha = nullptr, *d_beta = nullptr;
+  T *d_theta = nullptr, *d_h = nullptr, *d_c = nullptr;
+  T* partials = nullptr;  // [n_chunks, partial_size]
+  int64_t partial_stride = 0;
+  int64_t padded_features = 0;  // row length of the backward's weight-gradient tile
+};
+
+// Per-thread scratch of one block; every array is [rows][kBlock].
+template <typename T>
+struct Scratch {
+  std::vector<T> storage;
+  T *in, *in_t, *act, *c_prev, *c_new, *tanh_c, *xhat, *h_new, *dz, *dh_tot, *dh_out;
+  T th[kBlock], g[kBlock], alpha[kBlock], beta[kBlock], rstd[kBlock];
+
+  Scratch(int64_t H, int64_t padded_features) {
+    const int64_t F = lstm::kFeatures + H, G = 4 * H;
+    const int64_t sizes[] = {F * kBlock, padded_features * kBlock, G * kBlock, H * kBlock, H * kBlock, H * kBlock,
+                             H * kBlock, H * kBlock, G * kBlock, H * kBlock, H * kBlock};
+    int64_t total = 0;
+    for (int64_t s : sizes) total += s;
+    storage.assign(total, T(0));
+    T* cursor = storage.data();
+    T** slots[] = {&in, &in_t, &act, &c_prev, &c_new, &tanh_c, &xhat, &h_new, &dz, &dh_tot, &dh_out};
+    for (int i = 0; i < 11; ++i) {
+      *slots[i] = cursor;
+      cursor += sizes[i];
+    }
+  }
+};
+
+// Forward of one block: fills the scratch with every intermediate the backward needs.
+template <typename T>
+S2META_INLINE void block_forward(const Ctx<T>& ctx, int64_t k, int64_t s, int64_t j0, int nb, Scratch<T>& sc) {
+  const int64_t H = ctx.d.H, G = 4 * H, F = lstm::kFeatures + H, N = ctx.d.N;
+  const PreparedWeights<T>& w = *ctx.w;
+  T* in = sc.in;
+  const int64_t base = s * N + j0;
+  for (int b = 0; b < kBlock; ++b) {
+    const bool live = b < nb;
+    const T gv = live ? lstm::clamp_keep_nan(ctx.grad[base + b], ctx.clip) : T(0);
+    const T tv = live ? ctx.theta[base + b] : T(0);
+    sc.g[b] = gv;
+    sc.th[b] = tv;
+    preprocess_scalar(gv, ctx.p, ctx.threshold, ctx.exp_p, &in[0 * kBlock + b], &in[1 * kBlock + b]);
+    preprocess_scalar(tv, ctx.p, ctx.threshold, ctx.exp_p, &in[2 * kBlock + b], &in[3 * kBlock + b]);
+    in[4 * kBlock + b] = ctx.loss_feature[s];
+    if (live) {
+      const T* h_row = ctx.h + (base + b) * H;
+      const T* c_row = ctx.c + (base + b) * H;
+      for (int64_t q = 0; q < H; ++q) {
+        in[(lstm::kFeatures + q) * kBlock + b] = h_row[q];
+        sc.c_prev[q * kBlock + b] = c_row[q];
+      }
+    } else {
+      for (int64_t q = 0; q < H; ++q) {
+        in[(lstm::kFeatures + q) * kBlock + b] = T(0);
+        sc.c_prev[q * kBlock + b] = T(0);
+      }
+    }
+  }
+
+  T* act = sc.act;
+  lstm_cpu::gemm_block_packed4<T, kBlock>(w.wpack.data() + k * G * F, w.bias.data() + k * G, in, G, F, act);
+  const int64_t HB = H * kBlock;
+  Act<T>::sigmoid_inplace(act, 2 * HB);           // i, f
+  Act<T>::tanh_inplace(act + 2 * HB, HB);         // g
+  Act<T>::sigmoid_inplace(act + 3 * HB, HB);      // o
+  const T* gi = act;
+  const T* gf = act + HB;
+  const T* gg = act + 2 * HB;
+  const T* go = act + 3 * HB;
+  for (int64_t e = 0; e < HB; ++e) sc.c_new[e] = gf[e] * sc.c_prev[e] + gi[e] * gg[e];
+  for (int64_t e = 0; e < HB; ++e) sc.tanh_c[e] = sc.c_new[e];
+  Act<T>::tanh_inplace(sc.tanh_c, HB);
+  T* hn = sc.h_new;
+  for (int64_t e = 0; e < HB; ++e) hn[e] = go[e] * sc.tanh_c[e];
+
+  if (ctx.d.layer_norm) {
+    const T* lw = w.ln_w + k * H;
+    const T* lb = w.ln_b + k * H;
+    T mean[kBlock], var[kBlock];
+    for (int b = 0; b < kBlock; ++b) mean[b] = T(0);
+    for (int64_t q = 0; q < H; ++q)
+      for (int b = 0; b < kBlock; ++b) mean[b] += hn[q * kBlock + b];
+    for (int b = 0; b < kBlock; ++b) {
+      mean[b] /= T(H);
+      var[b] = T(0);
+    }
+    for (int64_t q = 0; q < H; ++q)
+      for (int b = 0; b < kBlock; ++b) {
+        const T diff = hn[q * kBlock + b] - mean[b];
+        var[b] += diff * diff;
+      }
+    for (int b = 0; b < kBlock; ++b) sc.rstd[b] = T(1) / std::sqrt(var[b] / T(H) + ctx.eps);
+    for (int64_t q = 0; q < H; ++q)
+      for (int b = 0; b < kBlock; ++b) {
+        const T xh = (hn[q * kBlock + b] - mean[b]) * sc.rstd[b];
+        sc.xhat[q * kBlock + b] = xh;
+        hn[q * kBlock + b] = xh * lw[q] + lb[q];
+      }
+  }
+
+  const T* wg = w.w_gate + k * 2 * H;
+  T za[kBlock], zb[kBlock];
+  for (int b = 0; b < kBlock; ++b) {
+    za[b] = w.b_gate[2 * k];
+    zb[b] = w.b_gate[2 * k + 1];
+  }
+  for (int64_t q = 0; q < H; ++q)
+    for (int b = 0; b < kBlock; ++b) {
+      za[b] += wg[q] * hn[q * kBlock + b];
+      zb[b] += wg[H + q] * hn[q * kBlock + b];
+    }
+  Act<T>::sigmoid_inplace(za, kBlock);
+  Act<T>::sigmoid_inplace(zb, kBlock);
+  for (int b = 0; b < kBlock; ++b) {
+    sc.alpha[b] = za[b];
+    sc.beta[b] = zb[b];
+  }
+}
+
+template <typename T>
+S2META_INLINE void forward_range(const Ctx<T>& ctx, int64_t chunk_begin, int64_t chunk_end) {
+  const int64_t H = ctx.d.H, N = ctx.d.N;
+  Scratch<T> sc(H, 0);
+  for (int64_t ci = chunk_begin; ci < chunk_end; ++ci) {
+    const Chunk& ch = ctx.chunks[ci];
+    const int64_t lo = ctx.offsets[ch.k], hi = ctx.offsets[ch.k + 1];
+    for (int64_t t = ch.t_begin; t < ch.t_end; ++t) {
+      const int64_t s = t / ch.blocks_per_row;
+      const int64_t j0 = lo + (t % ch.blocks_per_row) * kBlock;
+      const int nb = static_cast<int>(std::min<int64_t>(kBlock, hi - j0));
+      block_forward(ctx, ch.k, s, j0, nb, sc);
+      const int64_t base = s * N + j0;
+      for (int b = 0; b < nb; ++b) {
+        ctx.theta_new[base + b] = sc.beta[b] * sc.th[b] - sc.alpha[b] * sc.g[b];
+        ctx.alpha_out[base + b] = sc.alpha[b];
+        ctx.beta_out[base + b] = sc.beta[b];
+        T* h_row = ctx.h_new + (base + b) * H;
+        T* c_row = ctx.c_new + (base + b) * H;
+        for (int64_t q = 0; q < H; ++q) {
+          h_row[q] = sc.h_new[q * kBlock + b];
+          c_row[q] = sc.c_new[q * kBlock + b];
+        }
+      }
+    }
+  }
+}
+
+// Backward of one block, after block_forward. Lanes >= nb get zero incoming gradients, so they
+// add exactly nothing to the weight gradients.
+template <typename T>
+S2META_INLINE void block_backward(const Ctx<T>& ctx, int64_t k, int64_t s, int64_t j0, int nb, Scratch<T>& sc,
+                                  T* partial) {
+  const int64_t H = ctx.d.H, G = 4 * H, F = lstm::kFeatures + H, N = ctx.d.N, HB = H * kBlock;
+  const int64_t FP = ctx.padded_features;
+  const PreparedWeights<T>& w = *ctx.w;
+  const int64_t base = s * N + j0;
+  const T* wg = w.w_gate + k * 2 * H;
+
+  // Heads: theta' = beta theta - alpha g, alpha = s(za), beta = s(zb).
+  T dza[kBlock], dzb[kBlock];
+  for (int b = 0; b < kBlock; ++b) {
+    const bool live = b < nb;
+    const T dtn = live ? ctx.d_theta_new[base + b] : T(0);
+    const T da = (live ? ctx.d_alpha[base + b] : T(0)) - dtn * sc.g[b];
+    const T db = (live ? ctx.d_beta[base + b] : T(0)) + dtn * sc.th[b];
+    if (live) ctx.d_theta[base + b] = dtn * sc.beta[b];
+    dza[b] = da * sc.alpha[b] * (T(1) - sc.alpha[b]);
+    dzb[b] = db * sc.beta[b] * (T(1) - sc.beta[b]);
+  }
+  T* d_wg = partial + G * FP + 2 * H;
+  T* d_bg = d_wg + 2 * H;
+  T* dh_tot = sc.dh_tot;
+  for (int b = 0; b < kBlock; ++b) {
+    const T* dh_row = ctx.d_h_new + (base + b) * H;
+    for (int64_t q = 0; q < H; ++q) dh_tot[q * kBlock + b] = b < nb ? dh_row[q] : T(0);
+  }
+  for (int64_t q = 0; q < H; ++q) {
+    T sa = T(0), sb = T(0);
+    for (int b = 0; b < kBlock; ++b) {
+      const T hv = sc.h_new[q * kBlock + b];
+      sa += dza[b] * hv;
+      sb += dzb[b] * hv;
+      dh_tot[q * kBlock + b] += dza[b] * wg[q] + dzb[b] * wg[H + q];
+    }
+    d_wg[q] += sa;
+    d_wg[H + q] += sb;
+  }
+  for (int b = 0; b < kBlock; ++b) {
+    d_bg[0] += dza[b];
+    d_bg[1] += dzb[b];
+  }
+
+  // LayerNorm: du = rstd (dx - mean(dx) - xhat mean(dx xhat)), dx = dh' * gamma.
+  T* du = dh_tot;  // overwritten in place
+  if (ctx.d.layer_norm) {
+    const T* lw = w.ln_w + k * H;
+    T* d_lw = partial + G * FP;
+    T* d_lb = d_lw + H;
+    T m1[kBlock], m2[kBlock];
+    for (int b = 0; b < kBlock; ++b) m1[b] = m2[b] = T(0);
+    for (int64_t q = 0; q < H; ++q) {
+      T sw = T(0), sb = T(0);
+      for (int b = 0; b < kBlock; ++b) {
+        const T dy = dh_tot[q * kBlock + b];
+        const T xh = sc.xhat[q * kBlock + b];
+        sw += dy * xh;
+        sb += dy;
+        const T dx = dy * lw[q];
+        dh_tot[q * kBlock + b] = dx;
+        m1[b] += dx;
+        m2[b] += dx * xh;
+      }
+      d_lw[q] += sw;
+      d_lb[q] += sb;
+    }
+    for (int b = 0; b < kBlock; ++b) {
+      m1[b] /= T(H);
+      m2[b] /= T(H);
+    }
+    for (int64_t q = 0; q < H; ++q)
+      for (int b = 0; b < kBlock; ++b) {
+        const int64_t e = q * kBlock + b;
+        du[e] = sc.rstd[b] * (dh_tot[e] - m1[b] - sc.xhat[e] * m2[b]);
+      }
+  }
+
+  // Cell: u = o tanh(c'), c' = f c + i g; dz for the four gate pre-activations.
+  const T* gi = sc.act;
+  const T* gf = sc.act + HB;
+  const T* gg = sc.act + 2 * HB;
+  const T* go = sc.act + 3 * HB;
+  T* dz = sc.dz;
+  T* dc_in = sc.dh_out;  // holds d_c' until dh is computed
+  for (int b = 0; b < kBlock; ++b) {
+    const T* dc_row = ctx.d_c_new + (base + b) * H;
+    for (int64_t q = 0; q < H; ++q) dc_in[q * kBlock + b] = b < nb ? dc_row[q] : T(0);
+  }
+  T* d_c = sc.c_prev;  // overwritten in place once read
+  for (int64_t e = 0; e < HB; ++e) {
+    const T tc = sc.tanh_c[e];
+    const T i = gi[e], f = gf[e], g = gg[e], o = go[e];
+    const T dc_tot = dc_in[e] + du[e] * o * (T(1) - tc * tc);
+    const T c_prev = sc.c_prev[e];
+    dz[e] = dc_tot * g * i * (T(1) - i);
+    dz[HB + e] = dc_tot * c_prev * f * (T(1) - f);
+    dz[2 * HB + e] = dc_tot * i * (T(1) - g * g);
+    dz[3 * HB + e] = du[e] * tc * o * (T(1) - o);
+    d_c[e] = dc_tot * f;
+  }
+  T* dh = sc.dh_out;
+  if (H % 4 == 0) {
+    lstm_cpu::gemm_block_packed4<T, kBlock>(w.whh_t_pack.data() + k * H * G, w.zeros.data(), dz, H, G, dh);
+  } else {
+    gemm_block<T, kBlock>(w.whh_t.data() + k * H * G, nullptr, dz, H, G, dh);
+  }
+  for (int b = 0; b < nb; ++b) {
+    T* dh_row = ctx.d_h + (base + b) * H;
+    T* dc_row = ctx.d_c + (base + b) * H;
+    for (int64_t q = 0; q < H; ++q) {
+      dh_row[q] = dh[q * kBlock + b];
+      dc_row[q] = d_c[q * kBlock + b];
+    }
+  }
+
+  // dW[r][j] += sum_b dz[r][b] x[j][b] over x = [features, h, 1]: the constant column F gives
+  // the bias gradient. Lane-major x rows make the inner loop a contiguous axpy over j.
+  T* in_t = sc.in_t;
+  for (int b = 0; b < kBlock; ++b) {
+    T* row = in_t + b * FP;
+    for (int64_t j = 0; j < F; ++j) row[j] = sc.in[j * kBlock + b];
+    row[F] = T(1);
+    for (int64_t j = F + 1; j < FP; ++j) row[j] = T(0);
+  }
+  lstm_cpu::accumulate_outer<T, kBlock>(partial, dz, in_t, G, FP);
+}
+
+template <typename T>
+S2META_INLINE void backward_range(const Ctx<T>& ctx, int64_t chunk_begin, int64_t chunk_end) {
+  Scratch<T> sc(ctx.d.H, ctx.padded_features);
+  for (int64_t ci = chunk_begin; ci < chunk_end; ++ci) {
+    const Chunk& ch = ctx.chunks[ci];
+    const int64_t lo = ctx.offsets[ch.k], hi = ctx.offsets[ch.k + 1];
+    T* partial = ctx.partials + ci * ctx.partial_stride;
+    for (int64_t t = ch.t_begin; t < ch.t_end; ++t) {
+      const int64_t s = t / ch.blocks_per_row;
+      const int64_t j0 = lo + (t % ch.blocks_per_row) * kBlock;
+      const int nb = static_cast<int>(std::min<int64_t>(kBlock, hi - j0));
+      block_forward(ctx, ch.k, s, j0, nb, sc);
+      block_backward(ctx, ch.k, s, j0, nb, sc, partial);
+    }
+  }
+}
+
+// Two instantiations of each driver: one compiled for AVX2+FMA, picked at run time when the CPU
+// has them, and a baseline one, so the library still runs on any x86-64 (or other) CPU.
+#if defined(__GNUC__) && defined(__x86_64__)
+#define S2META_HAVE_AVX2_CLONE 1
+template <typename T>
+__attribute__((target("avx2,fma"))) void forward_range_avx2(const Ctx<T>& ctx, int64_t b, int64_t e) {
+  forward_range(ctx, b, e);
+}
+template <typename T>
+__attribute__((target("avx2,fma"))) void backward_range_avx2(const Ctx<T>& ctx, int64_t b, int64_t e) {
+  backward_range(ctx, b, e);
+}
+// S2META_CPU_BASELINE=1 forces the baseline build, so tests can cover it on an AVX2 machine.
+bool cpu_has_avx2() {
+  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                          std::getenv("S2META_CPU_BASELINE") == nullptr;
+  return has;
+}
+#endif
+
+template <typename T>
+void forward_dispatch(const Ctx<T>& ctx, int64_t b, int64_t e) {
+#ifdef S2META_HAVE_AVX2_CLONE
+  if (cpu_has_avx2()) return forward_range_avx2(ctx, b, e);
+#endif
+  forward_range(ctx, b, e);
+}
+
+template <typename T>
+void backward_dispatch(const Ctx<T>& ctx, int64_t b, int64_t e) {
+#ifdef S2META_HAVE_AVX2_CLONE
+  if (cpu_has_avx2()) return backward_range_avx2(ctx, b, e);
+#endif
+  backward_range(ctx, b, e);
+}
+
+template <typename T>
+std::vector<T> loss_features(const at::Tensor& loss, T p, T threshold, T exp_p) {
+  const T* lp = loss.const_data_ptr<T>();
+  std::vector<T> out(loss.numel());
+  for (int64_t s = 0; s < loss.numel(); ++s) {
+    T unused;
+    preprocess_scalar(lp[s], p, threshold, exp_p, &out[s], &unused);
+  }
+  return out;
+}
+
+template <typename T>
+void fill_common(Ctx<T>& ctx, const Dims& d, at::IntArrayRef offsets, const std::vector<Chunk>& chunks,
+                 const PreparedWeights<T>& w, const at::Tensor& theta, const at::Tensor& grad, const at::Tensor& h,
+                 const at::Tensor& c, const std::vector<T>& loss_feature, double p, double clip) {
+  ctx.d = d;
+  ctx.offsets = offsets.data();
+  ctx.chunks = chunks.data();
+  ctx.w = &w;
+  ctx.theta = theta.const_data_ptr<T>();
+  ctx.grad = grad.const_data_ptr<T>();
+  ctx.h = h.const_data_ptr<T>();
+  ctx.c = c.const_data_ptr<T>();
+  ctx.loss_feature = loss_feature.data();
+  ctx.p = static_cast<T>(p);
+  ctx.threshold = static_cast<T>(std::exp(-p));
+  ctx.exp_p = static_cast<T>(std::exp(p));
+  ctx.clip = static_cast<T>(clip);
+  ctx.eps = static_cast<T>(lstm::kLayerNormEps);
+}
+
+at::Tensor optional_or_empty(const std::optional<at::Tensor>& t) {
+  return t.has_value() && t->defined() ? t->contiguous() : at::Tensor();
+}
+
+using Outputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+Outputs lstm_update_multi_cpu(const at::Tensor& theta_in, const at::Tensor& grad_in, const at::Tensor& loss_in,
+                              const at::Tensor& h_in, const at::Tensor& c_in, at::IntArrayRef offsets,
+                              const at::Tensor& w_ih_in, const at::Tensor& w_hh_in, const at::Tensor& b_ih_in,
+                              const at::Tensor& b_hh_in, const std::optional<at::Tensor>& ln_weight,
+                              const std::optional<at::Tensor>& ln_bias, const at::Tensor& w_gate_in,
+                              const at::Tensor& b_gate_in, double p, double clip) {
+  const Dims d = lstm::check_multi_args("lstm_update_multi", theta_in, grad_in, loss_in, h_in, c_in, offsets, w_ih_in,
+                                        w_hh_in, b_ih_in, b_hh_in, ln_weight, ln_bias, w_gate_in, b_gate_in, p, clip);
+  const at::Tensor theta = theta_in.contiguous(), grad = grad_in.contiguous(), loss = loss_in.contiguous();
+  const at::Tensor h = h_in.contiguous(), c = c_in.contiguous();
+  const at::Tensor w_ih = w_ih_in.contiguous(), w_hh = w_hh_in.contiguous();
+  const at::Tensor b_ih = b_ih_in.contiguous(), b_hh = b_hh_in.contiguous();
+  const at::Tensor ln_w = optional_or_empty(ln_weight), ln_b = optional_or_empty(ln_bias);
+  const at::Tensor w_gate = w_gate_in.contiguous(), b_gate = b_gate_in.contiguous();
+
+  at::Tensor theta_new = at::empty_like(theta), alpha = at::empty_like(theta), beta = at::empty_like(theta);
+  at::Tensor h_new = at::empty_like(h), c_new = at::empty_like(c);
+  if (theta.numel() == 0) return {theta_new, h_new, c_new, alpha, beta};
+  const std::vector<Chunk> chunks = make_chunks(d, offsets);
+  AT_DISPATCH_FLOATING_TYPES(theta.scalar_type(), "lstm_update_multi_cpu", [&] {
+    const PreparedWeights<scalar_t> w(d, w_ih, w_hh, b_ih, b_hh, ln_w, ln_b, w_gate, b_gate, false);
+    const std::vector<scalar_t> loss_feature =
+        loss_features<scalar_t>(loss, scalar_t(p), scalar_t(std::exp(-p)), scalar_t(std::exp(p)));
+    Ctx<scalar_t> ctx;
+    fill_common(ctx, d, offsets, chunks, w, theta, grad, h, c, loss_feature, p, clip);
+    ctx.theta_new = theta_new.mutable_data_ptr<scalar_t>();
+    ctx.h_new = h_new.mutable_data_ptr<scalar_t>();
+    ctx.c_new = c_new.mutable_data_ptr<scalar_t>();
+    ctx.alpha_out = alpha.mutable_data_ptr<scalar_t>();
+    ctx.beta_out = beta.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1,
+                     [&](int64_t b, int64_t e) { forward_dispatch(ctx, b, e); });
+  });
+  return {theta_new, h_new, c_new, alpha, beta};
+}
+
+using Gradients = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+                             at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+Gradients lstm_update_multi_backward_cpu(
+    const at::Tensor& d_theta_new_in, const at::Tensor& d_h_new_in, const at::Tensor& d_c_new_in,
+    const at::Tensor& d_alpha_in, const at::Tensor& d_beta_in, const at::Tensor& theta_in, const at::Tensor& grad_in,
+    const at::Tensor& loss_in, const at::Tensor& h_in, const at::Tensor& c_in, at::IntArrayRef offsets,
+    const at::Tensor& w_ih_in, const at::Tensor& w_hh_in, const at::Tensor& b_ih_in, const at::Tensor& b_hh_in,
+    const std::optional<at::Tensor>& ln_weight, const std::optional<at::Tensor>& ln_bias, const at::Tensor& w_gate_in,
+    const at::Tensor& b_gate_in, double p, double clip) {
+  const char* op = "lstm_update_multi_backward";
+  const Dims d = lstm::check_multi_args(op, theta_in, grad_in, loss_in, h_in, c_in, offsets, w_ih_in, w_hh_in, b_ih_in,
+                                        b_hh_in, ln_weight, ln_bias, w_gate_in, b_gate_in, p, clip);
+  lstm::check_output_grads(op, d, theta_in, d_theta_new_in, d_h_new_in, d_c_new_in, d_alpha_in, d_beta_in);
+  const at::Tensor theta = theta_in.contiguous(), grad = grad_in.contiguous(), loss = loss_in.contiguous();
+  const at::Tensor h = h_in.contiguous(), c = c_in.contiguous();
+  const at::Tensor w_ih = w_ih_in.contiguous(), w_hh = w_hh_in.contiguous();
+  const at::Tensor b_ih = b_ih_in.contiguous(), b_hh = b_hh_in.contiguous();
+  const at::Tensor ln_w = optional_or_empty(ln_weight), ln_b = optional_or_empty(ln_bias);
+  const at::Tensor w_gate = w_gate_in.contiguous(), b_gate = b_gate_in.contiguous();
+  const at::Tensor d_theta_new = d_theta_new_in.contiguous(), d_h_new = d_h_new_in.contiguous();
+  const at::Tensor d_c_new = d_c_new_in.contiguous(), d_alpha = d_alpha_in.contiguous();
+  const at::Tensor d_beta = d_beta_in.contiguous();
+
+  const int64_t H = d.H, G = 4 * H, F = lstm::kFeatures + H;
+  const int64_t FP = (F + 1 + 7) / 8 * 8;  // + the bias column, rounded to a vector multiple
+  const int64_t P = G * FP + 4 * H + 2;     // dW | d ln_w | d ln_b | d w_gate | d b_gate
+
+  at::Tensor d_theta = at::empty_like(theta), d_h = at::empty_like(h), d_c = at::empty_like(c);
+  at::Tensor d_w_ih = at::zeros_like(w_ih), d_w_hh = at::zeros_like(w_hh);
+  at::Tensor d_b_ih = at::zeros_like(b_ih), d_b_hh = at::zeros_like(b_hh);
+  at::Tensor d_ln_w = d.layer_norm ? at::zeros_like(ln_w) : at::empty({0}, theta.options());
+  at::Tensor d_ln_b = d.layer_norm ? at::zeros_like(ln_b) : at::empty({0}, theta.options());
+  at::Tensor d_w_gate = at::zeros_like(w_gate), d_b_gate = at::zeros_like(b_gate);
+  if (theta.numel() == 0) {
+    return {d_theta, d_h, d_c, d_w_ih, d_w_hh, d_b_ih, d_b_hh, d_ln_w, d_ln_b, d_w_gate, d_b_gate};
+  }
+  const std::vector<Chunk> chunks = make_chunks(d, offsets);
+  const int64_t n_chunks = static_cast<int64_t>(chunks.size());
+  at::Tensor partials = at::zeros({n_chunks, P}, theta.options());
+
+  AT_DISPATCH_FLOATING_TYPES(theta.scalar_type(), "lstm_update_multi_backward_cpu", [&] {
+    const PreparedWeights<scalar_t> w(d, w_ih, w_hh, b_ih, b_hh, ln_w, ln_b, w_gate, b_gate, true);
+    const std::vector<scalar_t> loss_feature =
+        loss_features<scalar_t>(loss, scalar_t(p), scalar_t(std::exp(-p)), scalar_t(std::exp(p)));
+    Ctx<scalar_t> ctx;
+    fill_common(ctx, d, offsets, chunks, w, theta, grad, h, c, loss_feature, p, clip);
+    ctx.d_theta_new = d_theta_new.const_data_ptr<scalar_t>();
+    ctx.d_h_new = d_h_new.const_data_ptr<scalar_t>();
+    ctx.d_c_new = d_c_new.const_data_ptr<scalar_t>();
+    ctx.d_alpha = d_alpha.const_data_ptr<scalar_t>();
+    ctx.d_beta = d_beta.const_data_ptr<scalar_t>();
+    ctx.d_theta = d_theta.mutable_data_ptr<scalar_t>();
+    ctx.d_h = d_h.mutable_data_ptr<scalar_t>();
+    ctx.d_c = d_c.mutable_data_ptr<scalar_t>();
+    ctx.partials = partials.mutable_data_ptr<scalar_t>();
+    ctx.partial_stride = P;
+    ctx.padded_features = FP;
+    at::parallel_for(0, n_chunks, 1, [&](int64_t b, int64_t e) { backward_dispatch(ctx, b, e); });
+
+    // Sum each controller's chunks in chunk order: the result is independent of the threads.
+    std::vector<scalar_t> total(d.K * P, scalar_t(0));
+    const scalar_t* part = partials.const_data_ptr<scalar_t>();
+    std::vector<int64_t> first_chunk(d.K + 1, n_chunks);
+    for (int64_t ci = n_chunks - 1; ci >= 0; --ci) first_chunk[chunks[ci].k] = ci;
+    for (int64_t k = d.K - 1; k >= 0; --k) first_chunk[k] = std::min(first_chunk[k], first_chunk[k + 1]);
+    at::parallel_for(0, d.K * P, 1024, [&](int64_t b, int64_t e) {
+      for (int64_t idx = b; idx < e; ++idx) {
+        const int64_t k = idx / P, slot = idx % P;
+        scalar_t acc = scalar_t(0);
+        for (int64_t ci = first_chunk[k]; ci < first_chunk[k + 1]; ++ci) acc += part[ci * P + slot];
+        total[idx] = acc;
+      }
+    });
+
+    scalar_t* gwi = d_w_ih.mutable_data_ptr<scalar_t>();
+    scalar_t* gwh = d_w_hh.mutable_data_ptr<scalar_t>();
+    scalar_t* gbi = d_b_ih.mutable_data_ptr<scalar_t>();
+    scalar_t* gbh = d_b_hh.mutable_data_ptr<scalar_t>();
+    scalar_t* gwg = d_w_gate.mutable_data_ptr<scalar_t>();
+    scalar_t* gbg = d_b_gate.mutable_data_ptr<scalar_t>();
+    for (int64_t k = 0; k < d.K; ++k) {
+      const scalar_t* tk = total.data() + k * P;
+      for (int64_t r = 0; r < G; ++r) {
+        for (int64_t j = 0; j < lstm::kFeatures; ++j) gwi[(k * G + r) * lstm::kFeatures + j] = tk[r * FP + j];
+        for (int64_t q = 0; q < H; ++q) gwh[(k * G + r) * H + q] = tk[r * FP + lstm::kFeatures + q];
+        gbi[k * G + r] = tk[r * FP + F];
+        gbh[k * G + r] = tk[r * FP + F];
+      }
+      const scalar_t* rest = tk + G * FP;
+      if (d.layer_norm) {
+        scalar_t* glw = d_ln_w.mutable_data_ptr<scalar_t>();
+        scalar_t* glb = d_ln_b.mutable_data_ptr<scalar_t>();
+        for (int64_t q = 0; q < H; ++q) {
+          glw[k * H + q] = rest[q];
+          glb[k * H + q] = rest[H + q];
+        }
+      }
+      for (int64_t q = 0; q < 2 * H; ++q) gwg[k * 2 * H + q] = rest[2 * H + q];
+      gbg[2 * k] = rest[4 * H];
+      gbg[2 * k + 1] = rest[4 * H + 1];
+    }
+  });
+  return {d_theta, d_h, d_c, d_w_ih, d_w_hh, d_b_ih, d_b_hh, d_ln_w, d_ln_b, d_w_gate, d_b_gate};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(s2meta, CPU, m) {
+  m.impl("lstm_update_multi", &lstm_update_multi_cpu);
+  m.impl("lstm_update_multi_backward", &lstm_update_multi_backward_cpu);
+}
+
+}  // namespace s2meta

@@ -1,0 +1,562 @@
+// lstm_update_multi on the GPU: the coordinatewise-LSTM step of SPEC §3 (formula in
+// ops/lstm_update.h) and its fused backward, one thread per coordinate.
+//
+// Each block serves one controller: the host assigns every segment its own range of blocks
+// (offsets and block ranges travel by value in a fixed-size struct, so a launch needs no
+// device copy and is CUDA-graph capturable) and the block keeps that controller's weights in
+// shared memory. The backward stashes each tile's per-coordinate factors in shared memory,
+// sums the weight-gradient outer products per block in a fixed order into its own row of a
+// partials buffer, and a second kernel adds each controller's rows in block order: no float
+// atomics, so the gradients are bitwise reproducible.
+#include <ATen/Dispatch.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/zeros_like.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <tuple>
+
+#include "common.h"
+#include "ops/grad_preprocess.h"
+#include "ops/lstm_update.h"
+
+namespace s2meta {
+namespace {
+
+using lstm::Dims;
+using lstm::kFeatures;
+constexpr int kMaxK = lstm::kMaxControllersCuda;
+constexpr int kForwardThreads = 128;
+constexpr int kBackwardThreads = 64;
+constexpr int kMaxBackwardBlocksPerSegment = 128;  // bounds the partials buffer
+constexpr int kMaxForwardBlocksPerSegment = 4096;
+
+struct Segments {
+  int64_t offsets[kMaxK + 1];
+  int block_start[kMaxK + 1];  // blocks [block_start[k], block_start[k+1]) serve controller k
+  int K;
+};
+
+template <typename T>
+struct Args {
+  const T *theta, *grad, *loss, *h, *c, *w_ih, *w_hh, *b_ih, *b_hh, *ln_w, *ln_b, *w_gate, *b_gate;
+  T *theta_new, *h_new, *c_new, *alpha, *beta;
+  const T *d_theta_new, *d_h_new, *d_c_new, *d_alpha, *d_beta;
+  T *d_theta, *d_h, *d_c, *partials;
+  T *g_w_ih, *g_w_hh, *g_b_ih, *g_b_hh, *g_ln_w, *g_ln_b, *g_w_gate, *g_b_gate;
+  int64_t S, N, P;
+  int H;
+  bool layer_norm;
+  T p, threshold, exp_p, clip, eps;
+};
+
+template <typename T>
+__device__ __forceinline__ T sigmoid(T z) {
+  const T e = ::exp(-::fabs(z));  // never overflows; same formula as the CPU kernel
+  const T r = T(1) / (T(1) + e);
+  return z >= T(0) ? r : e * r;
+}
+
+template <typename T>
+__device__ __forceinline__ T tanh_(T x) {
+  return ::tanh(x);
+}
+
+__device__ __forceinline__ int controller_of_block(const Segments& seg, int block) {
+  int k = 0;
+  while (k + 1 < seg.K && seg.block_start[k + 1] <= block) ++k;
+  return k;
+}
+
+// Shared-memory copy of controller k: w_ih [4H,5] | w_hh [4H,H] | b_ih + b_hh [4H] | ln_w [H] |
+// ln_b [H] | w_gate [2,H] | b_gate [2].
+template <typename T>
+__device__ void load_controller(const Args<T>& a, int k, T* sw) {
+  const int H = a.H, G = 4 * H;
+  for (int e = threadIdx.x; e < G * kFeatures; e += blockDim.x) sw[e] = a.w_ih[k * G * kFeatures + e];
+  T* whh = sw + G * kFeatures;
+  for (int e = threadIdx.x; e < G * H; e += blockDim.x) whh[e] = a.w_hh[int64_t(k) * G * H + e];
+  T* bias = whh + G * H;
+  for (int e = threadIdx.x; e < G; e += blockDim.x) bias[e] = a.b_ih[k * G + e] + a.b_hh[k * G + e];
+  T* rest = bias + G;
+  for (int e = threadIdx.x; e < H; e += blockDim.x) {
+    rest[e] = a.layer_norm ? a.ln_w[k * H + e] : T(1);
+    rest[H + e] = a.layer_norm ? a.ln_b[k * H + e] : T(0);
+  }
+  for (int e = threadIdx.x; e < 2 * H; e += blockDim.x) rest[2 * H + e] = a.w_gate[k * 2 * H + e];
+  if (threadIdx.x < 2) rest[4 * H + threadIdx.x] = a.b_gate[2 * k + threadIdx.x];
+}
+
+template <typename T>
+__host__ __device__ inline int controller_smem_elems(int H) {
+  return 4 * H * kFeatures + 4 * H * H + 4 * H + 4 * H + 2;
+}
+
+// The gate pre-activations of hidden unit q: z_r = bias_r + W_ih[r] x + W_hh[r] h for the four
+// rows r = q, H+q, 2H+q, 3H+q (order i, f, g, o).
+template <typename T, int MAXH>
+__device__ __forceinline__ void unit_gates(const T* sw, int H, int q, const T (&x)[kFeatures], const T (&h)[MAXH],
+                                           T& gi, T& gf, T& gg, T& go) {
+  const int G = 4 * H;
+  const T* wih = sw;
+  const T* whh = sw + G * kFeatures;
+  const T* bias = whh + G * H;
+  T z[4];
+#pragma unroll
+  for (int gate = 0; gate < 4; ++gate) {
+    const int r = gate * H + q;
+    T acc = bias[r];
+#pragma unroll
+    for (int j = 0; j < kFeatures; ++j) acc += wih[r * kFeatures + j] * x[j];
+#pragma unroll
+    for (int u = 0; u < MAXH; ++u)
+      if (u < H) acc += whh[r * H + u] * h[u];
+    z[gate] = acc;
+  }
+  gi = sigmoid(z[0]);
+  gf = sigmoid(z[1]);
+  gg = tanh_(z[2]);
+  go = sigmoid(z[3]);
+}
+
+// Forward of one coordinate up to the heads. Leaves the features in x, h in h_prev, the
+// normalised units (or, without LayerNorm, the units) in xhat; writes c' to c_out if given.
+template <typename T, int MAXH>
+__device__ __forceinline__ void coord_forward(const Args<T>& a, const T* sw, int64_t s, int64_t idx, T (&x)[kFeatures],
+                                              T (&h_prev)[MAXH], T (&xhat)[MAXH], T& rstd, T& alpha, T& beta, T& g,
+                                              T& th, T* c_out) {
+  const int H = a.H;
+  g = lstm::clamp_keep_nan(a.grad[idx], a.clip);
+  th = a.theta[idx];
+  preprocess_scalar(g, a.p, a.threshold, a.exp_p, &x[0], &x[1]);
+  preprocess_scalar(th, a.p, a.threshold, a.exp_p, &x[2], &x[3]);
+  T unused;
+  preprocess_scalar(a.loss[s], a.p, a.threshold, a.exp_p, &x[4], &unused);
+  const T* h_row = a.h + idx * H;
+  const T* c_row = a.c + idx * H;
+#pragma unroll
+  for (int q = 0; q < MAXH; ++q) h_prev[q] = q < H ? h_row[q] : T(0);
+#pragma unroll
+  for (int q = 0; q < MAXH; ++q) {
+    if (q < H) {
+      T gi, gf, gg, go;
+      unit_gates<T, MAXH>(sw, H, q, x, h_prev, gi, gf, gg, go);
+      const T c_new = gf * c_row[q] + gi * gg;
+      if (c_out != nullptr) c_out[idx * H + q] = c_new;
+      xhat[q] = go * tanh_(c_new);
+    }
+  }
+  const T* rest = sw + controller_smem_elems<T>(H) - 4 * H - 2;
+  rstd = T(1);
+  if (a.layer_norm) {
+    T mean = T(0);
+#pragma unroll
+    for (int q = 0; q < MAXH; ++q)
+      if (q < H) mean += xhat[q];
+    mean /= T(H);
+    T var = T(0);
+#pragma unroll
+    for (int q = 0; q < MAXH; ++q)
+      if (q < H) var += (xhat[q] - mean) * (xhat[q] - mean);
+    rstd = T(1) / ::sqrt(var / T(H) + a.eps);
+#pragma unroll
+    for (int q = 0; q < MAXH; ++q)
+      if (q < H) xhat[q] = (xhat[q] - mean) * rstd;
+  }
+  const T* lw = rest;
+  const T* lb = rest + H;
+  const T* wg = rest + 2 * H;
+  T za = rest[4 * H], zb = rest[4 * H + 1];
+#pragma unroll
+  for (int q = 0; q < MAXH; ++q) {
+    if (q < H) {
+      const T hn = xhat[q] * lw[q] + lb[q];
+      za += wg[q] * hn;
+      zb += wg[H + q] * hn;
+    }
+  }
+  alpha = sigmoid(za);
+  beta = sigmoid(zb);
+}
+
+template <typename T, int MAXH>
+__global__ void lstm_forward_kernel(Args<T> a, Segments seg) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  T* sw = reinterpret_cast<T*>(smem_raw);
+  const int k = controller_of_block(seg, blockIdx.x);
+  load_controller(a, k, sw);
+  __syncthreads();
+  const int H = a.H;
+  const int64_t lo = seg.offsets[k], n = seg.offsets[k + 1] - lo, total = n * a.S;
+  const int64_t stride = int64_t(seg.block_start[k + 1] - seg.block_start[k]) * blockDim.x;
+  const T* rest = sw + controller_smem_elems<T>(H) - 4 * H - 2;
+  for (int64_t t = int64_t(blockIdx.x - seg.block_start[k]) * blockDim.x + threadIdx.x; t < total; t += stride) {
+    const int64_t s = t / n, idx = s * a.N + lo + t % n;
+    T x[kFeatures], h_prev[MAXH], xhat[MAXH], rstd, alpha, beta, g, th;
+    coord_forward<T, MAXH>(a, sw, s, idx, x, h_prev, xhat, rstd, alpha, beta, g, th, a.c_new);
+#pragma unroll
+    for (int q = 0; q < MAXH; ++q)
+      if (q < H) a.h_new[idx * H + q] = xhat[q] * rest[q] + rest[H + q];
+    a.alpha[idx] = alpha;
+    a.beta[idx] = beta;
+    a.theta_new[idx] = beta * th - alpha * g;
+  }
+}
+
+// Per-coordinate factors of the weight gradients, stashed for the block-wide sums:
+// dz [4H] | x_aug [5+H+1] (features, h, 1) | dy [H] | xhat [H] | hn [H] | dza | dzb.
+__host__ __device__ inline int stash_elems(int H) { return 4 * H + (kFeatures + H + 1) + 3 * H + 2; }
+
+template <typename T, int MAXH>
+__global__ void lstm_backward_kernel(Args<T> a, Segments seg) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  T* sw = reinterpret_cast<T*>(smem_raw);
+  const int H = a.H, G = 4 * H, F1 = kFeatures + H + 1, V = stash_elems(H);
+  T* stash = sw + controller_smem_elems<T>(H);
+  const int k = controller_of_block(seg, blockIdx.x);
+  load_controller(a, k, sw);
+  T* row = a.partials + int64_t(blockIdx.x) * a.P;
+  for (int64_t e = threadIdx.x; e < a.P; e += blockDim.x) row[e] = T(0);
+  __syncthreads();
+
+  const T* rest = sw + controller_smem_elems<T>(H) - 4 * H - 2;
+  const T* lw = rest;
+  const T* lb = rest + H;
+  const T* wg = rest + 2 * H;
+  const T* whh = sw + G * kFeatures;
+  const int64_t lo = seg.offsets[k], n = seg.offsets[k + 1] - lo, total = n * a.S;
+  const int64_t stride = int64_t(seg.block_start[k + 1] - seg.block_start[k]) * blockDim.x;
+  T* mine = stash + threadIdx.x * V;
+  // The loop bound is block-uniform so every thread reaches the __syncthreads below.
+  for (int64_t first = int64_t(blockIdx.x - seg.block_start[k]) * blockDim.x; first < total; first += stride) {
+    const int64_t t = first + threadIdx.x;
+    for (int e = 0; e < V; ++e) mine[e] = T(0);  // idle threads contribute nothing
+    if (t < total) {
+      const int64_t s = t / n, idx = s * a.N + lo + t % n;
+      T x[kFeatures], h_prev[MAXH], xhat[MAXH], rstd, alpha, beta, g, th;
+      coord_forward<T, MAXH>(a, sw, s, idx, x, h_prev, xhat, rstd, alpha, beta, g, th, nullptr);
+
+      const T dtn = a.d_theta_new[idx];
+      a.d_theta[idx] = dtn * beta;
+      const T dza = (a.d_alpha[idx] - dtn * g) * alpha * (T(1) - alpha);
+      const T dzb = (a.d_beta[idx] + dtn * th) * beta * (T(1) - beta);
+      T du[MAXH];
+      T m1 = T(0), m2 = T(0);
+#pragma unroll
+      for (int q = 0; q < MAXH; ++q) {
+        if (q < H) {
+          const T dy = a.d_h_new[idx * H + q] + dza * wg[q] + dzb * wg[H + q];
+          mine[G + F1 + q] = dy;
+          mine[G + F1 + H + q] = xhat[q];
+          mine[G + F1 + 2 * H + q] = xhat[q] * lw[q] + lb[q];
+          du[q] = a.layer_norm ? dy * lw[q] : dy;
+          m1 += du[q];
+          m2 += du[q] * xhat[q];
+        }
+      }
+      mine[G + F1 + 3 * H] = dza;
+      mine[G + F1 + 3 * H + 1] = dzb;
+      if (a.layer_norm) {
+        m1 /= T(H);
+        m2 /= T(H);
+#pragma unroll
+        for (int q = 0; q < MAXH; ++q)
+          if (q < H) du[q] = rstd * (du[q] - m1 - xhat[q] * m2);
+      }
+
+      T dh[MAXH];
+#pragma unroll
+      for (int q = 0; q < MAXH; ++q) dh[q] = T(0);
+      const T* c_row = a.c + idx * H;
+#pragma unroll
+      for (int q = 0; q < MAXH; ++q) {
+        if (q < H) {
+          T gi, gf, gg, go;
+          unit_gates<T, MAXH>(sw, H, q, x, h_prev, gi, gf, gg, go);
+          const T c_prev = c_row[q];
+          const T tc = tanh_(gf * c_prev + gi * gg);
+          const T dc_tot = a.d_c_new[idx * H + q] + du[q] * go * (T(1) - tc * tc);
+          a.d_c[idx * H + q] = dc_tot * gf;
+          const T dz[4] = {dc_tot * gg * gi * (T(1) - gi), dc_tot * c_prev * gf * (T(1) - gf),
+                           dc_tot * gi * (T(1) - gg * gg), du[q] * tc * go * (T(1) - go)};
+#pragma unroll
+          for (int gate = 0; gate < 4; ++gate) {
+            const int r = gate * H + q;
+            mine[r] = dz[gate];
+#pragma unroll
+            for (int u = 0; u < MAXH; ++u)
+              if (u < H) dh[u] += whh[r * H + u] * dz[gate];
+          }
+        }
+      }
+#pragma unroll
+      for (int q = 0; q < MAXH; ++q)
+        if (q < H) a.d_h[idx * H + q] = dh[q];
+#pragma unroll
+      for (int j = 0; j < kFeatures; ++j) mine[G + j] = x[j];
+#pragma unroll
+      for (int q = 0; q < MAXH; ++q)
+        if (q < H) mine[G + kFeatures + q] = h_prev[q];
+      mine[G + F1 - 1] = T(1);
+    }
+    __syncthreads();
+    // Thread e owns partial entries e, e + blockDim, ...: sums over the tile in thread order.
+    for (int64_t e = threadIdx.x; e < a.P; e += blockDim.x) {
+      T acc = T(0);
+      if (e < int64_t(G) * F1) {
+        const int r = int(e / F1), j = int(e % F1);
+        for (int u = 0; u < blockDim.x; ++u) acc += stash[u * V + r] * stash[u * V + G + j];
+      } else {
+        const int f = int(e - int64_t(G) * F1);
+        const int dy = G + F1, xh = dy + H, hn = xh + H, dza = hn + H;
+        for (int u = 0; u < blockDim.x; ++u) {
+          const T* su = stash + u * V;
+          if (f < H) acc += su[dy + f] * su[xh + f];                        // ln_weight
+          else if (f < 2 * H) acc += su[dy + f - H];                        // ln_bias
+          else if (f < 3 * H) acc += su[dza] * su[hn + f - 2 * H];          // w_gate[0]
+          else if (f < 4 * H) acc += su[dza + 1] * su[hn + f - 3 * H];      // w_gate[1]
+          else acc += su[dza + (f - 4 * H)];                                // b_gate
+        }
+      }
+      row[e] += acc;
+    }
+    __syncthreads();
+  }
+}
+
+// Sums each controller's partial rows in block order and scatters them into the gradients.
+template <typename T>
+__global__ void lstm_reduce_kernel(Args<T> a, Segments seg) {
+  const int H = a.H, G = 4 * H, F1 = kFeatures + H + 1;
+  const int64_t total = int64_t(seg.K) * a.P;
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total; i += int64_t(blockDim.x) * gridDim.x) {
+    const int k = int(i / a.P);
+    const int64_t e = i % a.P;
+    T acc = T(0);
+    for (int b = seg.block_start[k]; b < seg.block_start[k + 1]; ++b) acc += a.partials[int64_t(b) * a.P + e];
+    if (e < int64_t(G) * F1) {
+      const int r = int(e / F1), j = int(e % F1);
+      if (j < kFeatures) {
+        a.g_w_ih[(int64_t(k) * G + r) * kFeatures + j] = acc;
+      } else if (j < kFeatures + H) {
+        a.g_w_hh[(int64_t(k) * G + r) * H + (j - kFeatures)] = acc;
+      } else {
+        a.g_b_ih[int64_t(k) * G + r] = acc;
+        a.g_b_hh[int64_t(k) * G + r] = acc;
+      }
+    } else {
+      const int f = int(e - int64_t(G) * F1);
+      if (f < H) {
+        if (a.layer_norm) a.g_ln_w[k * H + f] = acc;
+      } else if (f < 2 * H) {
+        if (a.layer_norm) a.g_ln_b[k * H + f - H] = acc;
+      } else if (f < 4 * H) {
+        a.g_w_gate[k * 2 * H + f - 2 * H] = acc;
+      } else {
+        a.g_b_gate[2 * k + f - 4 * H] = acc;
+      }
+    }
+  }
+}
+
+Segments make_segments(const Dims& d, at::IntArrayRef offsets, int threads, int max_blocks_per_segment,
+                       int* total_blocks) {
+  TORCH_CHECK(d.K <= kMaxK, "lstm_update_multi: the CUDA kernels take at most ", kMaxK,
+              " controllers (offsets of length <= ", kMaxK + 1, "), got K = ", d.K);
+  Segments seg{};
+  seg.K = static_cast<int>(d.K);
+  int blocks = 0;
+  for (int64_t k = 0; k <= d.K; ++k) seg.offsets[k] = offsets[k];
+  for (int64_t k = 0; k < d.K; ++k) {
+    seg.block_start[k] = blocks;
+    const int64_t work = (offsets[k + 1] - offsets[k]) * d.S;
+    blocks += static_cast<int>(std::min<int64_t>((work + threads - 1) / threads, max_blocks_per_segment));
+  }
+  seg.block_start[d.K] = blocks;
+  *total_blocks = blocks;
+  return seg;
+}
+
+template <typename T>
+void fill_inputs(Args<T>& a, const Dims& d, const at::Tensor& theta, const at::Tensor& grad, const at::Tensor& loss,
+                 const at::Tensor& h, const at::Tensor& c, const at::Tensor& w_ih, const at::Tensor& w_hh,
+                 const at::Tensor& b_ih, const at::Tensor& b_hh, const at::Tensor& ln_w, const at::Tensor& ln_b,
+                 const at::Tensor& w_gate, const at::Tensor& b_gate, double p, double clip) {
+  a = Args<T>{};
+  a.theta = theta.const_data_ptr<T>();
+  a.grad = grad.const_data_ptr<T>();
+  a.loss = loss.const_data_ptr<T>();
+  a.h = h.const_data_ptr<T>();
+  a.c = c.const_data_ptr<T>();
+  a.w_ih = w_ih.const_data_ptr<T>();
+  a.w_hh = w_hh.const_data_ptr<T>();
+  a.b_ih = b_ih.const_data_ptr<T>();
+  a.b_hh = b_hh.const_data_ptr<T>();
+  a.ln_w = d.layer_norm ? ln_w.const_data_ptr<T>() : nullptr;
+  a.ln_b = d.layer_norm ? ln_b.const_data_ptr<T>() : nullptr;
+  a.w_gate = w_gate.const_data_ptr<T>();
+  a.b_gate = b_gate.const_data_ptr<T>();
+  a.S = d.S;
+  a.N = d.N;
+  a.H = static_cast<int>(d.H);
+  a.layer_norm = d.layer_norm;
+  a.p = static_cast<T>(p);
+  a.threshold = static_cast<T>(std::exp(-p));
+  a.exp_p = static_cast<T>(std::exp(p));
+  a.clip = static_cast<T>(clip);
+  a.eps = static_cast<T>(lstm::kLayerNormEps);
+}
+
+// Kernels above 48 KiB of dynamic shared memory must opt in (a host-side attribute, no sync).
+template <typename Kernel>
+void allow_shared(Kernel kernel, size_t bytes) {
+  if (bytes > 48 * 1024) {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
+  }
+}
+
+at::Tensor optional_or_empty(const std::optional<at::Tensor>& t) {
+  return t.has_value() && t->defined() ? t->contiguous() : at::Tensor();
+}
+
+// Per-thread state lives in registers, sized at compile time; one instantiation keeps the
+// build short (the paper uses H = 16).
+constexpr int kMaxHiddenCuda = 16;
+
+void check_hidden(const Dims& d) {
+  TORCH_CHECK(d.H <= kMaxHiddenCuda, "lstm_update_multi: the CUDA kernels support hidden sizes up to ",
+              kMaxHiddenCuda, ", got H = ", d.H, " (h.size(2))");
+}
+
+using Outputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+Outputs lstm_update_multi_cuda(const at::Tensor& theta_in, const at::Tensor& grad_in, const at::Tensor& loss_in,
+                               const at::Tensor& h_in, const at::Tensor& c_in, at::IntArrayRef offsets,
+                               const at::Tensor& w_ih_in, const at::Tensor& w_hh_in, const at::Tensor& b_ih_in,
+                               const at::Tensor& b_hh_in, const std::optional<at::Tensor>& ln_weight,
+                               const std::optional<at::Tensor>& ln_bias, const at::Tensor& w_gate_in,
+                               const at::Tensor& b_gate_in, double p, double clip) {
+  const Dims d = lstm::check_multi_args("lstm_update_multi", theta_in, grad_in, loss_in, h_in, c_in, offsets, w_ih_in,
+                                        w_hh_in, b_ih_in, b_hh_in, ln_weight, ln_bias, w_gate_in, b_gate_in, p, clip);
+  check_hidden(d);
+  const c10::cuda::CUDAGuard guard(theta_in.device());
+  const at::Tensor theta = theta_in.contiguous(), grad = grad_in.contiguous(), loss = loss_in.contiguous();
+  const at::Tensor h = h_in.contiguous(), c = c_in.contiguous();
+  const at::Tensor w_ih = w_ih_in.contiguous(), w_hh = w_hh_in.contiguous();
+  const at::Tensor b_ih = b_ih_in.contiguous(), b_hh = b_hh_in.contiguous();
+  const at::Tensor ln_w = optional_or_empty(ln_weight), ln_b = optional_or_empty(ln_bias);
+  const at::Tensor w_gate = w_gate_in.contiguous(), b_gate = b_gate_in.contiguous();
+  at::Tensor theta_new = at::empty_like(theta), alpha = at::empty_like(theta), beta = at::empty_like(theta);
+  at::Tensor h_new = at::empty_like(h), c_new = at::empty_like(c);
+  if (theta.numel() == 0) return {theta_new, h_new, c_new, alpha, beta};
+
+  int blocks = 0;
+  const Segments seg = make_segments(d, offsets, kForwardThreads, kMaxForwardBlocksPerSegment, &blocks);
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES(theta.scalar_type(), "lstm_update_multi_cuda", [&] {
+    Args<scalar_t> a;
+    fill_inputs(a, d, theta, grad, loss, h, c, w_ih, w_hh, b_ih, b_hh, ln_w, ln_b, w_gate, b_gate, p, clip);
+    a.theta_new = theta_new.mutable_data_ptr<scalar_t>();
+    a.h_new = h_new.mutable_data_ptr<scalar_t>();
+    a.c_new = c_new.mutable_data_ptr<scalar_t>();
+    a.alpha = alpha.mutable_data_ptr<scalar_t>();
+    a.beta = beta.mutable_data_ptr<scalar_t>();
+    const size_t smem = sizeof(scalar_t) * controller_smem_elems<scalar_t>(a.H);
+    lstm_forward_kernel<scalar_t, kMaxHiddenCuda><<<blocks, kForwardThreads, smem, stream>>>(a, seg);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {theta_new, h_new, c_new, alpha, beta};
+}
+
+using Gradients = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+                             at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+Gradients lstm_update_multi_backward_cuda(
+    const at::Tensor& d_theta_new_in, const at::Tensor& d_h_new_in, const at::Tensor& d_c_new_in,
+    const at::Tensor& d_alpha_in, const at::Tensor& d_beta_in, const at::Tensor& theta_in, const at::Tensor& grad_in,
+    const at::Tensor& loss_in, const at::Tensor& h_in, const at::Tensor& c_in, at::IntArrayRef offsets,
+    const at::Tensor& w_ih_in, const at::Tensor& w_hh_in, const at::Tensor& b_ih_in, const at::Tensor& b_hh_in,
+    const std::optional<at::Tensor>& ln_weight, const std::optional<at::Tensor>& ln_bias, const at::Tensor& w_gate_in,
+    const at::Tensor& b_gate_in, double p, double clip) {
+  const char* op = "lstm_update_multi_backward";
+  const Dims d = lstm::check_multi_args(op, theta_in, grad_in, loss_in, h_in, c_in, offsets, w_ih_in, w_hh_in, b_ih_in,
+                                        b_hh_in, ln_weight, ln_bias, w_gate_in, b_gate_in, p, clip);
+  lstm::check_output_grads(op, d, theta_in, d_theta_new_in, d_h_new_in, d_c_new_in, d_alpha_in, d_beta_in);
+  check_hidden(d);
+  const c10::cuda::CUDAGuard guard(theta_in.device());
+  const at::Tensor theta = theta_in.contiguous(), grad = grad_in.contiguous(), loss = loss_in.contiguous();
+  const at::Tensor h = h_in.contiguous(), c = c_in.contiguous();
+  const at::Tensor w_ih = w_ih_in.contiguous(), w_hh = w_hh_in.contiguous();
+  const at::Tensor b_ih = b_ih_in.contiguous(), b_hh = b_hh_in.contiguous();
+  const at::Tensor ln_w = optional_or_empty(ln_weight), ln_b = optional_or_empty(ln_bias);
+  const at::Tensor w_gate = w_gate_in.contiguous(), b_gate = b_gate_in.contiguous();
+  const at::Tensor d_theta_new = d_theta_new_in.contiguous(), d_h_new = d_h_new_in.contiguous();
+  const at::Tensor d_c_new = d_c_new_in.contiguous(), d_alpha = d_alpha_in.contiguous();
+  const at::Tensor d_beta = d_beta_in.contiguous();
+
+  at::Tensor d_theta = at::empty_like(theta), d_h = at::empty_like(h), d_c = at::empty_like(c);
+  // Zero-filled: a controller whose segment is empty has no block to write its gradients.
+  at::Tensor d_w_ih = at::zeros_like(w_ih), d_w_hh = at::zeros_like(w_hh);
+  at::Tensor d_b_ih = at::zeros_like(b_ih), d_b_hh = at::zeros_like(b_hh);
+  at::Tensor d_ln_w = d.layer_norm ? at::zeros_like(ln_w) : at::empty({0}, theta.options());
+  at::Tensor d_ln_b = d.layer_norm ? at::zeros_like(ln_b) : at::empty({0}, theta.options());
+  at::Tensor d_w_gate = at::zeros_like(w_gate), d_b_gate = at::zeros_like(b_gate);
+  if (theta.numel() == 0) {
+    return {d_theta, d_h, d_c, d_w_ih, d_w_hh, d_b_ih, d_b_hh, d_ln_w, d_ln_b, d_w_gate, d_b_gate};
+  }
+
+  int blocks = 0;
+  const Segments seg = make_segments(d, offsets, kBackwardThreads, kMaxBackwardBlocksPerSegment, &blocks);
+  const int64_t H = d.H, G = 4 * H, F1 = kFeatures + H + 1;
+  const int64_t P = G * F1 + 4 * H + 2;
+  at::Tensor partials = at::empty({blocks, P}, theta.options());
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES(theta.scalar_type(), "lstm_update_multi_backward_cuda", [&] {
+    Args<scalar_t> a;
+    fill_inputs(a, d, theta, grad, loss, h, c, w_ih, w_hh, b_ih, b_hh, ln_w, ln_b, w_gate, b_gate, p, clip);
+    a.d_theta_new = d_theta_new.const_data_ptr<scalar_t>();
+    a.d_h_new = d_h_new.const_data_ptr<scalar_t>();
+    a.d_c_new = d_c_new.const_data_ptr<scalar_t>();
+    a.d_alpha = d_alpha.const_data_ptr<scalar_t>();
+    a.d_beta = d_beta.const_data_ptr<scalar_t>();
+    a.d_theta = d_theta.mutable_data_ptr<scalar_t>();
+    a.d_h = d_h.mutable_data_ptr<scalar_t>();
+    a.d_c = d_c.mutable_data_ptr<scalar_t>();
+    a.partials = partials.mutable_data_ptr<scalar_t>();
+    a.P = P;
+    a.g_w_ih = d_w_ih.mutable_data_ptr<scalar_t>();
+    a.g_w_hh = d_w_hh.mutable_data_ptr<scalar_t>();
+    a.g_b_ih = d_b_ih.mutable_data_ptr<scalar_t>();
+    a.g_b_hh = d_b_hh.mutable_data_ptr<scalar_t>();
+    a.g_ln_w = d.layer_norm ? d_ln_w.mutable_data_ptr<scalar_t>() : nullptr;
+    a.g_ln_b = d.layer_norm ? d_ln_b.mutable_data_ptr<scalar_t>() : nullptr;
+    a.g_w_gate = d_w_gate.mutable_data_ptr<scalar_t>();
+    a.g_b_gate = d_b_gate.mutable_data_ptr<scalar_t>();
+    const size_t smem =
+        sizeof(scalar_t) * (controller_smem_elems<scalar_t>(a.H) + size_t(kBackwardThreads) * stash_elems(a.H));
+    allow_shared(lstm_backward_kernel<scalar_t, kMaxHiddenCuda>, smem);
+    lstm_backward_kernel<scalar_t, kMaxHiddenCuda><<<blocks, kBackwardThreads, smem, stream>>>(a, seg);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    const int64_t reduce_items = d.K * P;
+    const int reduce_threads = 256;
+    const int reduce_blocks = static_cast<int>(std::min<int64_t>((reduce_items + reduce_threads - 1) / reduce_threads, 4096));
+    lstm_reduce_kernel<scalar_t><<<reduce_blocks, reduce_threads, 0, stream>>>(a, seg);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {d_theta, d_h, d_c, d_w_ih, d_w_hh, d_b_ih, d_b_hh, d_ln_w, d_ln_b, d_w_gate, d_b_gate};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(s2meta, CUDA, m) {
+  m.impl("lstm_update_multi", &lstm_update_multi_cuda);
+  m.impl("lstm_update_multi_backward", &lstm_update_multi_backward_cuda);
+}
+
+}  // namespace s2meta
