@@ -3,6 +3,7 @@ import json
 import os
 
 import pytest
+import torch
 
 from s2meta_fast import cli
 from s2meta_fast.data.synthetic import write_raw
@@ -11,8 +12,17 @@ from s2meta_fast.meta import trainer as trainer_mod
 METRICS = [f"{m}@{k}" for m in ("recall", "ndcg", "hit") for k in (10, 20, 50)]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny runs: one intra-op thread is as fast and immune to OpenMP spin-waits on shared cores."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
-def dataset(tmp_path_factory):
+def dataset(tmp_path_factory, one_thread):
     root = tmp_path_factory.mktemp("syn")
     # sizes pinned so the split keeps meta-validation scenarios (Finetune needs them)
     write_raw("ml20m", str(root / "raw"), seed=0, n_users=400, n_scenarios=12, per_scenario=8, per_source=12)

@@ -19,6 +19,7 @@ class Task:  # the EvalTask contract of s2meta_fast.data
     eval_users: np.ndarray
     eval_indptr: np.ndarray
     eval_items: np.ndarray
+    support_item_index: np.ndarray = None
 
 
 def _task(name, support_items, items, positives):
@@ -134,3 +135,23 @@ def test_markdown_table_layout():
     assert [r.split(" | ")[0] for r in rows[1:]] == ["| ItemPop", "| Global", "| Finetune", "| s²Meta", "| Improve"]
     assert rows[4].split(" | ")[1] == "50.00"
     assert rows[5].split(" | ")[1] == "+25.00"   # (50 - 40) / 40
+
+
+def test_s2meta_adapter_matches_the_learner_and_is_seeded():
+    from s2meta_fast.data.tasks import support_batch
+    from s2meta_fast.eval import S2Meta
+    from s2meta_fast.eval.protocol import block_generator
+    from s2meta_fast.meta import MetaConfig, MetaLearner
+
+    prepared, tasks = _planted(d=8)
+    torch.manual_seed(0)
+    learner = MetaLearner(build_model("interaction", 8), prepared.user_emb, prepared.item_emb,
+                          MetaConfig(t_max=6, t_min=2))
+    method = S2Meta(learner, stop="sample")
+    theta = method.adapt(tasks[:3], block_generator(7, 0, torch.device("cpu")))
+    with torch.no_grad():
+        direct = learner.adapt(support_batch(tasks[:3]), stop="sample",
+                               generator=block_generator(7, 0, torch.device("cpu"))).theta
+    assert torch.equal(theta, direct)
+    first = evaluate(method, tasks, ks=(3,), seed=7, block_size=2, progress=False)["metrics"]
+    assert evaluate(method, tasks, ks=(3,), seed=7, block_size=2, progress=False)["metrics"] == first
