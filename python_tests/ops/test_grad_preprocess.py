@@ -89,7 +89,9 @@ class TestGradPreprocess:
            dtype=st.sampled_from([torch.float32, torch.float64]))
     def test_fuzz_against_reference(self, values, dtype):
         x = torch.tensor(values, dtype=dtype)
-        torch.testing.assert_close(ops.grad_preprocess(x), ref.grad_preprocess(x), rtol=0, atol=0, equal_nan=True)
+        # torch's vectorised log and libm's may differ in the last bit; nothing else may differ
+        rtol = 1e-6 if dtype == torch.float32 else 1e-14
+        torch.testing.assert_close(ops.grad_preprocess(x), ref.grad_preprocess(x), rtol=rtol, atol=0, equal_nan=True)
 
 
 @requires_cuda
