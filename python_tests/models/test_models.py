@@ -120,3 +120,21 @@ def test_fused_loss_equals_reference_loss_and_gradient():
     weights, biases = pure.split(theta)
     ref = _reference.hinge_score(users, pos, neg, weights, biases, 1.0)[0]
     torch.testing.assert_close(grads[0][0], ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["interaction", "mapping", "hybrid"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_loss_and_grad_equals_autograd_of_the_reference_loss(kind, dtype):
+    # the interaction model takes the one-pass fused gradient; it must equal autograd's
+    model, oracle = build_model(kind, 16, fused=True), build_model(kind, 16, fused=False)
+    generator = torch.Generator().manual_seed(5)
+    theta = torch.stack([model.init_theta(generator, dtype=dtype) for _ in range(3)])
+    users, pos, neg = (torch.randn(3, 64, 16, generator=generator, dtype=dtype) for _ in range(3))
+    loss, grad = model.loss_and_grad(theta, users, pos, neg)
+    leaf = theta.clone().requires_grad_(True)
+    expected_loss = oracle.loss(leaf, users, pos, neg)[0]
+    (expected_grad,) = torch.autograd.grad(expected_loss.sum(), leaf)
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(loss, expected_loss.detach(), **tol)
+    torch.testing.assert_close(grad, expected_grad, **tol)
+    assert not grad.requires_grad and not loss.requires_grad

@@ -229,12 +229,9 @@ class MetaLearner(nn.Module):
 
         for t in range(n_steps):
             negatives = self.item_emb[self._negatives(batch, noise.neg[t])]
-            with torch.enable_grad():
-                # first order: ∇ is taken at a detached copy of θ, so it is a constant for the meta-gradient
-                leaf = theta.detach().requires_grad_(True)
-                loss, _, _ = model.loss(leaf, users, positives, negatives, cfg.margin)
-                (grad,) = torch.autograd.grad(loss.sum(), leaf)
-            loss = loss.detach()
+            # first order: ∇ is taken at a detached θ, so it is a constant for the meta-gradient
+            loss, grad = model.loss_and_grad(theta, users, positives, negatives, cfg.margin)
+            theta_before = theta.detach()
             if track_query:
                 with torch.no_grad():
                     query_losses.append(model.loss(theta.detach(), q_users, q_pos, q_neg, cfg.margin)[0])
@@ -267,7 +264,7 @@ class MetaLearner(nn.Module):
                 rec["loss"].append(loss)
                 rec["alpha"].append(self._segment_mean(alpha, cfg.inner_lr, theta))
                 rec["beta"].append(self._segment_mean(beta, 1.0, theta))
-                rec["theta"].append(leaf.detach())
+                rec["theta"].append(theta_before)
 
         updated = torch.stack(masks).to(theta.dtype) if masks else theta.new_zeros(0, n_scenarios)
         out = AdaptOutput(

@@ -83,6 +83,15 @@ class FlatRecommender:
         loss = torch.relu(margin - pos_score + neg_score).sum(dim=-1) / count
         return loss, pos_score, neg_score
 
+    def loss_and_grad(self, theta: Tensor, users: Tensor, pos: Tensor, neg: Tensor,
+                      margin: float = 1.0) -> Tuple[Tensor, Tensor]:
+        """The inner step's loss [S] and its gradient w.r.t. θ [S, N], as constants (first order)."""
+        with torch.enable_grad():
+            leaf = theta.detach().requires_grad_(True)
+            loss = self.loss(leaf, users, pos, neg, margin)[0]
+            (grad,) = torch.autograd.grad(loss.sum(), leaf)
+        return loss.detach(), grad
+
     def pair_scores(self, theta: Tensor, users: Tensor, items: Tensor) -> Tensor:
         """f(u_j, i_j) for aligned pairs: users, items [S, n, d] -> [S, n]."""
         raise NotImplementedError

@@ -37,6 +37,16 @@ class InteractionRecommender(FlatRecommender):
         hinge = ops.hinge_score if self.fused else _reference.hinge_score
         return hinge(users, pos, neg, weights, biases, margin)
 
+    def loss_and_grad(self, theta: Tensor, users: Tensor, pos: Tensor, neg: Tensor,
+                      margin: float = 1.0) -> Tuple[Tensor, Tensor]:
+        if not self.fused:
+            return super().loss_and_grad(theta, users, pos, neg, margin)
+        # one fused pass gives the loss and every tensor's gradient; no autograd graph is built
+        weights, biases = self.split(theta.detach())
+        loss, _, _, d_weights, d_biases = ops.hinge_score_grad(users, pos, neg, weights, biases, margin)
+        per_tensor = [g for pair in zip(d_weights, d_biases) for g in pair]
+        return loss, torch.cat([g.reshape(theta.shape[0], -1) for g in per_tensor], dim=1)
+
     def pair_scores(self, theta: Tensor, users: Tensor, items: Tensor) -> Tensor:
         weights, biases = self.split(theta)
         return _reference.mlp_forward(torch.cat([users, items], dim=-1), weights, biases)
