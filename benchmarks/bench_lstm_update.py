@@ -29,19 +29,18 @@ SIZES = {
     "8M": [1 << 20] * 8,
 }
 IMPLS = ["fused", "reference", "compiled"]
-_compiled = {}
 
 
-def _fn(impl: str, device: str, size: str):
+def _fn(impl: str, device: str):
     if impl == "fused":
         return torch.ops.s2meta.lstm_update_multi
     if impl == "reference":
         return ref.lstm_update_multi
-    key = (device, size)
-    if key not in _compiled:
-        mode = "reduce-overhead" if device == "cuda" else None
-        _compiled[key] = torch.compile(ref.lstm_update_multi, mode=mode, dynamic=False)
-    return _compiled[key]
+    # Dynamo's cache belongs to the reference's code objects, shared by every case: without a
+    # reset, later cases hit the recompile limit and silently run (or thrash) in eager mode.
+    torch._dynamo.reset()
+    mode = "reduce-overhead" if device == "cuda" else None
+    return torch.compile(ref.lstm_update_multi, mode=mode, dynamic=False)
 
 
 def _sync(device: str) -> None:
@@ -62,7 +61,7 @@ def test_lstm_update_step(benchmark, device, size, impl, mode):
     if device == "cpu" and size == "1M" and impl == "compiled":
         pytest.skip("compiling the reference at 1M scalars takes minutes on 2 cores")
     args = make_multi_args(S=1, sizes=SIZES[size], dtype=torch.float32, seed=0, device=device)
-    fn = _fn(impl, device, size)
+    fn = _fn(impl, device)
 
     fused_out = torch.ops.s2meta.lstm_update_multi(*args.values())
     with torch.no_grad():

@@ -596,14 +596,15 @@ Gradients lstm_update_multi_backward_cpu(
     std::vector<int64_t> first_chunk(d.K + 1, n_chunks);
     for (int64_t ci = n_chunks - 1; ci >= 0; --ci) first_chunk[chunks[ci].k] = ci;
     for (int64_t k = d.K - 1; k >= 0; --k) first_chunk[k] = std::min(first_chunk[k], first_chunk[k + 1]);
-    at::parallel_for(0, d.K * P, 1024, [&](int64_t b, int64_t e) {
-      for (int64_t idx = b; idx < e; ++idx) {
-        const int64_t k = idx / P, slot = idx % P;
-        scalar_t acc = scalar_t(0);
-        for (int64_t ci = first_chunk[k]; ci < first_chunk[k + 1]; ++ci) acc += part[ci * P + slot];
-        total[idx] = acc;
+    // Serial: it is ~P adds per chunk, and on a busy machine one more parallel region costs more
+    // in thread wake-ups than it saves.
+    for (int64_t k = 0; k < d.K; ++k) {
+      scalar_t* tk = total.data() + k * P;
+      for (int64_t ci = first_chunk[k]; ci < first_chunk[k + 1]; ++ci) {
+        const scalar_t* row = part + ci * P;
+        for (int64_t slot = 0; slot < P; ++slot) tk[slot] += row[slot];
       }
-    });
+    }
 
     scalar_t* gwi = d_w_ih.mutable_data_ptr<scalar_t>();
     scalar_t* gwh = d_w_hh.mutable_data_ptr<scalar_t>();
