@@ -13,6 +13,7 @@ import os
 import signal
 import sys
 import threading
+import time
 import typing
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -197,9 +198,16 @@ def cmd_evaluate(cfg: Config, args: argparse.Namespace) -> None:
 def cmd_run(cfg: Config, args: argparse.Namespace) -> None:
     from .eval.pipeline import check_run_folder, evaluate_methods, prepare_data, train_meta
     check_run_folder(cfg)
+    start = time.perf_counter()
     prepared = prepare_data(cfg)
-    learner = train_meta(cfg, prepared).to(cfg.run.device) if "s2meta" in cfg.eval.methods else None
-    evaluate_methods(cfg, prepared, learner)
+    seconds = {"prepare_s": time.perf_counter() - start}
+    learner = None
+    if "s2meta" in cfg.eval.methods:
+        # on --resume this is the time of the resumed part only
+        learner = train_meta(cfg, prepared).to(cfg.run.device)
+        seconds["meta_train_s"] = time.perf_counter() - start - seconds["prepare_s"]
+    evaluate_methods(cfg, prepared, learner, seconds)
+    log.info("run finished in %.1f s", time.perf_counter() - start)
     _print_table(cfg.run.out)
 
 

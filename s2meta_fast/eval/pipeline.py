@@ -247,13 +247,18 @@ def make_method(name: str, cfg: Config, prepared: Any, learner: Any = None) -> A
     raise ValueError(f"unknown method {name!r}")
 
 
-def evaluate_methods(cfg: Config, prepared: Any, learner: Any = None) -> Dict[str, Any]:
-    """Evaluates cfg.eval.methods on the meta-test scenarios and writes results.json/.md."""
+def evaluate_methods(cfg: Config, prepared: Any, learner: Any = None,
+                     stage_seconds: Optional[Dict[str, float]] = None) -> Dict[str, Any]:
+    """Evaluates cfg.eval.methods on the meta-test scenarios and writes results.json/.md.
+
+    `stage_seconds` (e.g. prepare, meta-training wall times of this process) go into the
+    results' ``timings`` next to each method's.
+    """
     tasks = eval_tasks(prepared, "test", cfg.run.seed)
     if not tasks:
         raise ValueError(f"{prepared.name}: no meta-test scenario; lower --min-items or raise --max-items")
     methods: Dict[str, Dict[str, float]] = {}
-    timings: Dict[str, float] = {}
+    timings: Dict[str, Any] = {k: round(v, 3) for k, v in (stage_seconds or {}).items()}
     n_users = None
     for name in cfg.eval.methods:
         path = os.path.join(cfg.run.out, "methods", f"{name}.json")
