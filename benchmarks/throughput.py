@@ -62,14 +62,14 @@ def make_batch(n_scenarios: int, seed: int) -> Batch:
                  query_pos=pool.gather(1, q_index[:, 0]), query_neg=pool.gather(1, q_index[:, 1]))
 
 
-def make_learner(fused: bool, device: str, t_max: int = 20):
+def make_learner(fused: bool, device: str, t_max: int = 20, dim: int = DIM):
     from s2meta_fast.meta import MetaConfig, MetaLearner
     from s2meta_fast.models import build_model
 
     torch.manual_seed(0)
-    user_emb, item_emb = torch.randn(N_USERS, DIM) * 0.3, torch.randn(N_ITEMS, DIM) * 0.3
+    user_emb, item_emb = torch.randn(N_USERS, dim) * 0.3, torch.randn(N_ITEMS, dim) * 0.3
     cfg = MetaConfig(fused=fused, t_max=t_max)
-    learner = MetaLearner(build_model("interaction", DIM, fused=fused), user_emb, item_emb, cfg).to(device)
+    learner = MetaLearner(build_model("interaction", dim, fused=fused), user_emb, item_emb, cfg).to(device)
     with torch.no_grad():  # p ≈ 0: every scenario takes all t_max updates (the "20 inner updates")
         learner.stop_controller.head.weight.zero_()
         learner.stop_controller.head.bias.fill_(-30.0)
