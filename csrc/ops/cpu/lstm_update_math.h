@@ -141,6 +141,66 @@ struct Act<double> {
   }
 };
 
+// dst[c * dst_stride + r] = src[r * src_stride + c] for r < R, c < C: the row-major <->
+// feature-major conversions of a block. float with R and C multiples of 8 goes through 8 x 8
+// register transposes (unpack / shuffle / 128-bit lane swaps), everything else element by element.
+template <typename T>
+S2META_INLINE void transpose_block(const T* __restrict__ src, int64_t src_stride, T* __restrict__ dst,
+                                   int64_t dst_stride, int64_t R, int64_t C) {
+  for (int64_t r = 0; r < R; ++r)
+    for (int64_t c = 0; c < C; ++c) dst[c * dst_stride + r] = src[r * src_stride + c];
+}
+
+#ifdef S2META_VECTOR_ACTIVATIONS
+S2META_INLINE void transpose8x8(const float* __restrict__ src, int64_t src_stride, float* __restrict__ dst,
+                                int64_t dst_stride) {
+  FloatLanes r0, r1, r2, r3, r4, r5, r6, r7;
+  std::memcpy(&r0, src, 32);
+  std::memcpy(&r1, src + src_stride, 32);
+  std::memcpy(&r2, src + 2 * src_stride, 32);
+  std::memcpy(&r3, src + 3 * src_stride, 32);
+  std::memcpy(&r4, src + 4 * src_stride, 32);
+  std::memcpy(&r5, src + 5 * src_stride, 32);
+  std::memcpy(&r6, src + 6 * src_stride, 32);
+  std::memcpy(&r7, src + 7 * src_stride, 32);
+  const IntLanes lo = {0, 8, 1, 9, 4, 12, 5, 13}, hi = {2, 10, 3, 11, 6, 14, 7, 15};
+  const FloatLanes t0 = __builtin_shuffle(r0, r1, lo), t1 = __builtin_shuffle(r0, r1, hi);
+  const FloatLanes t2 = __builtin_shuffle(r2, r3, lo), t3 = __builtin_shuffle(r2, r3, hi);
+  const FloatLanes t4 = __builtin_shuffle(r4, r5, lo), t5 = __builtin_shuffle(r4, r5, hi);
+  const FloatLanes t6 = __builtin_shuffle(r6, r7, lo), t7 = __builtin_shuffle(r6, r7, hi);
+  const IntLanes plo = {0, 1, 8, 9, 4, 5, 12, 13}, phi = {2, 3, 10, 11, 6, 7, 14, 15};
+  const FloatLanes u0 = __builtin_shuffle(t0, t2, plo), u1 = __builtin_shuffle(t0, t2, phi);
+  const FloatLanes u2 = __builtin_shuffle(t1, t3, plo), u3 = __builtin_shuffle(t1, t3, phi);
+  const FloatLanes u4 = __builtin_shuffle(t4, t6, plo), u5 = __builtin_shuffle(t4, t6, phi);
+  const FloatLanes u6 = __builtin_shuffle(t5, t7, plo), u7 = __builtin_shuffle(t5, t7, phi);
+  const IntLanes qlo = {0, 1, 2, 3, 8, 9, 10, 11}, qhi = {4, 5, 6, 7, 12, 13, 14, 15};
+  const FloatLanes o0 = __builtin_shuffle(u0, u4, qlo), o4 = __builtin_shuffle(u0, u4, qhi);
+  const FloatLanes o1 = __builtin_shuffle(u1, u5, qlo), o5 = __builtin_shuffle(u1, u5, qhi);
+  const FloatLanes o2 = __builtin_shuffle(u2, u6, qlo), o6 = __builtin_shuffle(u2, u6, qhi);
+  const FloatLanes o3 = __builtin_shuffle(u3, u7, qlo), o7 = __builtin_shuffle(u3, u7, qhi);
+  std::memcpy(dst, &o0, 32);
+  std::memcpy(dst + dst_stride, &o1, 32);
+  std::memcpy(dst + 2 * dst_stride, &o2, 32);
+  std::memcpy(dst + 3 * dst_stride, &o3, 32);
+  std::memcpy(dst + 4 * dst_stride, &o4, 32);
+  std::memcpy(dst + 5 * dst_stride, &o5, 32);
+  std::memcpy(dst + 6 * dst_stride, &o6, 32);
+  std::memcpy(dst + 7 * dst_stride, &o7, 32);
+}
+
+template <>
+S2META_INLINE void transpose_block<float>(const float* __restrict__ src, int64_t src_stride, float* __restrict__ dst,
+                                          int64_t dst_stride, int64_t R, int64_t C) {
+  if (R % 8 != 0 || C % 8 != 0) {
+    for (int64_t r = 0; r < R; ++r)
+      for (int64_t c = 0; c < C; ++c) dst[c * dst_stride + r] = src[r * src_stride + c];
+    return;
+  }
+  for (int64_t r = 0; r < R; r += 8)
+    for (int64_t c = 0; c < C; c += 8) transpose8x8(src + r * src_stride + c, src_stride, dst + c * dst_stride + r, dst_stride);
+}
+#endif
+
 // out[m][b] = bias[m] (or 0) + sum_k A[m][k] X[k][b] for a block of B columns. Four rows at a
 // time keep 4 * B accumulators in registers and load each X row once per four rows.
 template <typename T, int B>
@@ -239,8 +299,9 @@ S2META_INLINE void accumulate_outer(T* __restrict__ acc, const T* __restrict__ d
 }
 
 #ifdef S2META_VECTOR_ACTIVATIONS
-// float, FP a multiple of 8: a 4-row x 8-column tile stays in four vector registers across the
-// B lanes, instead of a load-FMA-store of the accumulator per lane.
+// float, FP a multiple of 8: a 4-row x 24-column tile (twelve vector accumulators) stays in
+// registers across the B lanes. Twelve independent FMA chains hide the FMA latency (four, as
+// before, left it latency-bound), and each lane costs 3 loads + 4 broadcasts per 12 FMAs.
 template <>
 S2META_INLINE void accumulate_outer<float, 16>(float* __restrict__ acc, const float* __restrict__ dz,
                                                const float* __restrict__ x_t, int64_t M, int64_t FP) {
@@ -250,23 +311,85 @@ S2META_INLINE void accumulate_outer<float, 16>(float* __restrict__ acc, const fl
         for (int64_t j = 0; j < FP; ++j) acc[r * FP + j] += dz[r * 16 + b] * x_t[b * FP + j];
     return;
   }
-  for (int64_t r = 0; r < M; r += 4) {
-    const float* d0 = dz + r * 16;
-    for (int64_t j = 0; j < FP; j += kFloatLanes) {
+  int64_t j = 0;
+  for (; j + 3 * kFloatLanes <= FP; j += 3 * kFloatLanes) {
+    for (int64_t r = 0; r < M; r += 4) {
+      const float* d0 = dz + r * 16;
       float* o = acc + r * FP + j;
-      FloatLanes c0, c1, c2, c3;
+      FloatLanes c00, c01, c02, c10, c11, c12, c20, c21, c22, c30, c31, c32;
+      std::memcpy(&c00, o, 32);
+      std::memcpy(&c01, o + 8, 32);
+      std::memcpy(&c02, o + 16, 32);
+      std::memcpy(&c10, o + FP, 32);
+      std::memcpy(&c11, o + FP + 8, 32);
+      std::memcpy(&c12, o + FP + 16, 32);
+      std::memcpy(&c20, o + 2 * FP, 32);
+      std::memcpy(&c21, o + 2 * FP + 8, 32);
+      std::memcpy(&c22, o + 2 * FP + 16, 32);
+      std::memcpy(&c30, o + 3 * FP, 32);
+      std::memcpy(&c31, o + 3 * FP + 8, 32);
+      std::memcpy(&c32, o + 3 * FP + 16, 32);
+      for (int b = 0; b < 16; ++b) {
+        FloatLanes x0, x1, x2;
+        const float* xr = x_t + b * FP + j;
+        std::memcpy(&x0, xr, 32);
+        std::memcpy(&x1, xr + 8, 32);
+        std::memcpy(&x2, xr + 16, 32);
+        const float w0 = d0[b], w1 = d0[16 + b], w2 = d0[32 + b], w3 = d0[48 + b];
+        c00 += w0 * x0;
+        c01 += w0 * x1;
+        c02 += w0 * x2;
+        c10 += w1 * x0;
+        c11 += w1 * x1;
+        c12 += w1 * x2;
+        c20 += w2 * x0;
+        c21 += w2 * x1;
+        c22 += w2 * x2;
+        c30 += w3 * x0;
+        c31 += w3 * x1;
+        c32 += w3 * x2;
+      }
+      std::memcpy(o, &c00, 32);
+      std::memcpy(o + 8, &c01, 32);
+      std::memcpy(o + 16, &c02, 32);
+      std::memcpy(o + FP, &c10, 32);
+      std::memcpy(o + FP + 8, &c11, 32);
+      std::memcpy(o + FP + 16, &c12, 32);
+      std::memcpy(o + 2 * FP, &c20, 32);
+      std::memcpy(o + 2 * FP + 8, &c21, 32);
+      std::memcpy(o + 2 * FP + 16, &c22, 32);
+      std::memcpy(o + 3 * FP, &c30, 32);
+      std::memcpy(o + 3 * FP + 8, &c31, 32);
+      std::memcpy(o + 3 * FP + 16, &c32, 32);
+    }
+  }
+  for (; j < FP; j += kFloatLanes) {
+    for (int64_t r = 0; r < M; r += 4) {
+      const float* d0 = dz + r * 16;
+      float* o = acc + r * FP + j;
+      // two accumulators per row (even / odd lanes): eight FMA chains
+      FloatLanes c0, c1, c2, c3, e0 = FloatLanes{}, e1 = e0, e2 = e0, e3 = e0;
       std::memcpy(&c0, o, 32);
       std::memcpy(&c1, o + FP, 32);
       std::memcpy(&c2, o + 2 * FP, 32);
       std::memcpy(&c3, o + 3 * FP, 32);
-      for (int b = 0; b < 16; ++b) {
-        FloatLanes x;
+      for (int b = 0; b < 16; b += 2) {
+        FloatLanes x, y;
         std::memcpy(&x, x_t + b * FP + j, 32);
+        std::memcpy(&y, x_t + (b + 1) * FP + j, 32);
         c0 += d0[b] * x;
         c1 += d0[16 + b] * x;
         c2 += d0[32 + b] * x;
         c3 += d0[48 + b] * x;
+        e0 += d0[b + 1] * y;
+        e1 += d0[17 + b] * y;
+        e2 += d0[33 + b] * y;
+        e3 += d0[49 + b] * y;
       }
+      c0 += e0;
+      c1 += e1;
+      c2 += e2;
+      c3 += e3;
       std::memcpy(o, &c0, 32);
       std::memcpy(o + FP, &c1, 32);
       std::memcpy(o + 2 * FP, &c2, 32);
