@@ -156,6 +156,33 @@ struct Scratch {
   }
 };
 
+// Software prefetch of the [kBlock, H] rows of a block a few blocks ahead: with S x N x H
+// streams larger than the last-level cache, the hardware prefetcher alone leaves the block's
+// transposes waiting on memory.
+constexpr int64_t kPrefetchBlocks = 2;
+template <typename T>
+S2META_INLINE void prefetch_rows(const T* p, int64_t count, bool write) {
+#if defined(__GNUC__)
+  const char* c = reinterpret_cast<const char*>(p);
+  const int64_t bytes = count * static_cast<int64_t>(sizeof(T));
+  for (int64_t off = 0; off < bytes; off += 64) {
+    if (write)
+      __builtin_prefetch(c + off, 1, 3);
+    else
+      __builtin_prefetch(c + off, 0, 3);
+  }
+#else
+  (void)p;
+  (void)count;
+  (void)write;
+#endif
+}
+
+// Base offset (s * N + j0) of block t of a chunk.
+S2META_INLINE int64_t block_base(const Chunk& ch, int64_t lo, int64_t N, int64_t t) {
+  return (t / ch.blocks_per_row) * N + lo + (t % ch.blocks_per_row) * kBlock;
+}
+
 // The elementwise cell loops, as functions of restrict pointers: the scratch arrays share one
 // allocation, and without the promise GCC leaves these loops scalar.
 template <typename T>
@@ -204,9 +231,30 @@ S2META_INLINE void block_forward(const Ctx<T>& ctx, int64_t k, int64_t s, int64_
     const T tv = live ? ctx.theta[base + b] : T(0);
     sc.g[b] = gv;
     sc.th[b] = tv;
-    preprocess_scalar(gv, ctx.p, ctx.threshold, ctx.exp_p, &in[0 * kBlock + b], &in[1 * kBlock + b]);
-    preprocess_scalar(tv, ctx.p, ctx.threshold, ctx.exp_p, &in[2 * kBlock + b], &in[3 * kBlock + b]);
     in[4 * kBlock + b] = ctx.loss_feature[s];
+  }
+  // preprocess_scalar (ops/grad_preprocess.h) of g and theta, with the logs taken a block at a time.
+  {
+    T mag[2 * kBlock];
+    bool big[2 * kBlock];
+    for (int b = 0; b < kBlock; ++b) {
+      mag[b] = sc.g[b] < T(0) ? -sc.g[b] : sc.g[b];
+      mag[kBlock + b] = sc.th[b] < T(0) ? -sc.th[b] : sc.th[b];
+    }
+    for (int e = 0; e < 2 * kBlock; ++e) big[e] = mag[e] >= ctx.threshold;
+    Act<T>::log_inplace(mag, big, 2 * kBlock);
+    for (int e = 0; e < 2 * kBlock; ++e) {
+      const T x = e < kBlock ? sc.g[e] : sc.th[e - kBlock];
+      T* log_part = &in[(e < kBlock ? 0 : 2) * kBlock + e % kBlock];
+      T* sign_part = log_part + kBlock;
+      if (big[e]) {
+        *log_part = mag[e] / ctx.p;
+        *sign_part = x > T(0) ? T(1) : (x < T(0) ? T(-1) : T(0));
+      } else {
+        *log_part = T(-1);
+        *sign_part = ctx.exp_p * x;
+      }
+    }
   }
   if (nb == kBlock) {
     lstm_cpu::transpose_block(ctx.h + base * H, H, in + lstm::kFeatures * kBlock, kBlock, kBlock, H);
@@ -293,6 +341,13 @@ S2META_INLINE void forward_range(const Ctx<T>& ctx, int64_t chunk_begin, int64_t
       const int64_t s = t / ch.blocks_per_row;
       const int64_t j0 = lo + (t % ch.blocks_per_row) * kBlock;
       const int nb = static_cast<int>(std::min<int64_t>(kBlock, hi - j0));
+      if (t + kPrefetchBlocks < ch.t_end) {
+        const int64_t pb = block_base(ch, lo, N, t + kPrefetchBlocks) * H;
+        prefetch_rows(ctx.h + pb, kBlock * H, false);
+        prefetch_rows(ctx.c + pb, kBlock * H, false);
+        prefetch_rows(ctx.h_new + pb, kBlock * H, true);
+        prefetch_rows(ctx.c_new + pb, kBlock * H, true);
+      }
       block_forward<T, HC>(ctx, ch.k, s, j0, nb, sc);
       const int64_t base = s * N + j0;
       for (int b = 0; b < nb; ++b) {
@@ -430,7 +485,8 @@ S2META_INLINE void block_backward(const Ctx<T>& ctx, int64_t k, int64_t s, int64
 template <typename T, int HC>
 S2META_INLINE void backward_range(const Ctx<T>& ctx, int64_t chunk_begin, int64_t chunk_end) {
   Scratch<T> sc(ctx.d.H, ctx.padded_features);
-  const int64_t F = lstm::kFeatures + ctx.d.H, FP = ctx.padded_features;
+  const int64_t H = HC ? HC : ctx.d.H, N = ctx.d.N;
+  const int64_t F = lstm::kFeatures + H, FP = ctx.padded_features;
   for (int b = 0; b < kBlock; ++b) {
     T* row = sc.in_t + b * FP;
     row[F] = T(1);
@@ -444,6 +500,15 @@ S2META_INLINE void backward_range(const Ctx<T>& ctx, int64_t chunk_begin, int64_
       const int64_t s = t / ch.blocks_per_row;
       const int64_t j0 = lo + (t % ch.blocks_per_row) * kBlock;
       const int nb = static_cast<int>(std::min<int64_t>(kBlock, hi - j0));
+      if (t + kPrefetchBlocks < ch.t_end) {
+        const int64_t pb = block_base(ch, lo, N, t + kPrefetchBlocks) * H;
+        prefetch_rows(ctx.h + pb, kBlock * H, false);
+        prefetch_rows(ctx.c + pb, kBlock * H, false);
+        prefetch_rows(ctx.d_h_new + pb, kBlock * H, false);
+        prefetch_rows(ctx.d_c_new + pb, kBlock * H, false);
+        prefetch_rows(ctx.d_h + pb, kBlock * H, true);
+        prefetch_rows(ctx.d_c + pb, kBlock * H, true);
+      }
       block_forward<T, HC>(ctx, ch.k, s, j0, nb, sc);
       block_backward<T, HC>(ctx, ch.k, s, j0, nb, sc, partial);
     }

@@ -12,6 +12,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 #if defined(__GNUC__) && !defined(__clang__)
 // The 32-byte lanes below never cross a non-inlined call boundary; GCC's ABI note is noise here.
@@ -69,6 +70,36 @@ struct FloatActImpl {
     return x < -87.0f ? V{} : result;
   }
 
+  // ln x for positive normal finite x (Cephes logf: |error| < 1.5 ulp); other inputs give garbage
+  // that the caller must not use (log_inplace recomputes those lanes with std::log).
+  static S2META_INLINE V log_normal(V x) {
+    const VI bits = float_to_bits(x);
+    VI eb = bits >> 23;  // x = m 2^(eb - 126), m in [0.5, 1)
+    V m = bits_to_float((bits & 0x007fffffu) | 0x3f000000u);
+    const auto small = m < 0.707106781186547524f;  // m in [0.5, sqrt(1/2)): use 2m and eb - 1
+    eb = small ? eb - 1 : eb;
+    m = small ? m + m - 1.0f : m - 1.0f;
+    V ef;
+    if constexpr (std::is_same_v<V, float>) {
+      ef = static_cast<float>(eb) - 126.0f;
+    } else {
+      ef = __builtin_convertvector(eb, V) - 126.0f;
+    }
+    const V z = m * m;
+    V y = m * 7.0376836292e-2f - 1.1514610310e-1f;
+    y = y * m + 1.1676998740e-1f;
+    y = y * m - 1.2420140846e-1f;
+    y = y * m + 1.4249322787e-1f;
+    y = y * m - 1.6668057665e-1f;
+    y = y * m + 2.0000714765e-1f;
+    y = y * m - 2.4999993993e-1f;
+    y = y * m + 3.3333331174e-1f;
+    y = y * m * z;
+    y = y + ef * -2.12194440e-4f;
+    y = y - 0.5f * z;
+    return m + y + ef * 0.693359375f;
+  }
+
   static S2META_INLINE V sigmoid(V z) {
     const V e = exp_nonpositive(-abs(z));
     const V r = 1.0f / (1.0f + e);
@@ -123,6 +154,27 @@ struct Act<float> {
   static S2META_INLINE void sigmoid_inplace(float* a, int64_t n) { S2META_APPLY_LANES(a, n, sigmoid) }
   static S2META_INLINE void tanh_inplace(float* a, int64_t n) { S2META_APPLY_LANES(a, n, tanh) }
 #undef S2META_APPLY_LANES
+  // a[e] = ln a[e] where used[e] (n a multiple of the lane count); other lanes: unspecified.
+  static S2META_INLINE void log_inplace(float* a, const bool* used, int64_t n) {
+#ifdef S2META_VECTOR_ACTIVATIONS
+    for (int64_t e = 0; e < n; e += kFloatLanes) {
+      FloatLanes v;
+      std::memcpy(&v, a + e, sizeof(v));
+      v = Lanes::log_normal(v);
+      float out[kFloatLanes];
+      std::memcpy(out, &v, sizeof(v));
+      for (int l = 0; l < kFloatLanes; ++l) {
+        const float x = a[e + l];
+        // zero, subnormal, infinite (NaN lanes are never used): the library log
+        const bool normal = x >= 1.17549435e-38f && x <= 3.40282347e+38f;
+        a[e + l] = normal || !used[e + l] ? out[l] : std::log(x);
+      }
+    }
+#else
+    for (int64_t e = 0; e < n; ++e)
+      if (used[e]) a[e] = std::log(a[e]);
+#endif
+  }
 };
 
 template <>
@@ -138,6 +190,10 @@ struct Act<double> {
   }
   static S2META_INLINE void tanh_inplace(double* a, int64_t n) {
     for (int64_t e = 0; e < n; ++e) a[e] = std::tanh(a[e]);
+  }
+  static S2META_INLINE void log_inplace(double* a, const bool* used, int64_t n) {
+    for (int64_t e = 0; e < n; ++e)
+      if (used[e]) a[e] = std::log(a[e]);
   }
 };
 
