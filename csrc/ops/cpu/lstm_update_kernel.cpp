@@ -233,29 +233,9 @@ S2META_INLINE void block_forward(const Ctx<T>& ctx, int64_t k, int64_t s, int64_
     sc.th[b] = tv;
     in[4 * kBlock + b] = ctx.loss_feature[s];
   }
-  // preprocess_scalar (ops/grad_preprocess.h) of g and theta, with the logs taken a block at a time.
-  {
-    T mag[2 * kBlock];
-    bool big[2 * kBlock];
-    for (int b = 0; b < kBlock; ++b) {
-      mag[b] = sc.g[b] < T(0) ? -sc.g[b] : sc.g[b];
-      mag[kBlock + b] = sc.th[b] < T(0) ? -sc.th[b] : sc.th[b];
-    }
-    for (int e = 0; e < 2 * kBlock; ++e) big[e] = mag[e] >= ctx.threshold;
-    Act<T>::log_inplace(mag, big, 2 * kBlock);
-    for (int e = 0; e < 2 * kBlock; ++e) {
-      const T x = e < kBlock ? sc.g[e] : sc.th[e - kBlock];
-      T* log_part = &in[(e < kBlock ? 0 : 2) * kBlock + e % kBlock];
-      T* sign_part = log_part + kBlock;
-      if (big[e]) {
-        *log_part = mag[e] / ctx.p;
-        *sign_part = x > T(0) ? T(1) : (x < T(0) ? T(-1) : T(0));
-      } else {
-        *log_part = T(-1);
-        *sign_part = ctx.exp_p * x;
-      }
-    }
-  }
+  // The Eq. 12 features of g and theta: rows 0, 1 and 2, 3 of the block input.
+  Act<T>::preprocess(sc.g, kBlock, ctx.p, ctx.threshold, ctx.exp_p, in, in + kBlock);
+  Act<T>::preprocess(sc.th, kBlock, ctx.p, ctx.threshold, ctx.exp_p, in + 2 * kBlock, in + 3 * kBlock);
   if (nb == kBlock) {
     lstm_cpu::transpose_block(ctx.h + base * H, H, in + lstm::kFeatures * kBlock, kBlock, kBlock, H);
     lstm_cpu::transpose_block(ctx.c + base * H, H, sc.c_prev, kBlock, kBlock, H);
@@ -474,9 +454,13 @@ S2META_INLINE void block_backward(const Ctx<T>& ctx, int64_t k, int64_t s, int64
   // the bias gradient. Lane-major x rows make the inner loop a contiguous axpy over j. Columns
   // F (1) and above (0 padding) were set once by backward_range.
   T* in_t = sc.in_t;
-  for (int b = 0; b < kBlock; ++b) {
-    T* row = in_t + b * FP;
-    for (int64_t j = 0; j < lstm::kFeatures; ++j) row[j] = sc.in[j * kBlock + b];
+  if (H % 8 == 0) {  // rows [0, 8) then [5, 5 + H): whole 8 x 8 tiles, columns 5..7 written twice
+    lstm_cpu::transpose_block(sc.in, kBlock, in_t, FP, 8, kBlock);
+  } else {
+    for (int b = 0; b < kBlock; ++b) {
+      T* row = in_t + b * FP;
+      for (int64_t j = 0; j < lstm::kFeatures; ++j) row[j] = sc.in[j * kBlock + b];
+    }
   }
   lstm_cpu::transpose_block(sc.in + lstm::kFeatures * kBlock, kBlock, in_t + lstm::kFeatures, FP, H, kBlock);
   lstm_cpu::accumulate_outer<T, kBlock>(partial, dz, in_t, G, FP);

@@ -14,6 +14,8 @@
 #include <cstring>
 #include <type_traits>
 
+#include "ops/grad_preprocess.h"
+
 #if defined(__GNUC__) && !defined(__clang__)
 // The 32-byte lanes below never cross a non-inlined call boundary; GCC's ABI note is noise here.
 #pragma GCC diagnostic ignored "-Wpsabi"
@@ -154,25 +156,33 @@ struct Act<float> {
   static S2META_INLINE void sigmoid_inplace(float* a, int64_t n) { S2META_APPLY_LANES(a, n, sigmoid) }
   static S2META_INLINE void tanh_inplace(float* a, int64_t n) { S2META_APPLY_LANES(a, n, tanh) }
 #undef S2META_APPLY_LANES
-  // a[e] = ln a[e] where used[e] (n a multiple of the lane count); other lanes: unspecified.
-  static S2META_INLINE void log_inplace(float* a, const bool* used, int64_t n) {
+  // preprocess_scalar (ops/grad_preprocess.h) of x[0..n), n a multiple of the lane count, with
+  // the logs taken by log_normal and lanes it does not cover (0, subnormal, inf) by std::log.
+  static S2META_INLINE void preprocess(const float* x, int64_t n, float p, float threshold, float exp_p,
+                                       float* log_part, float* sign_part) {
 #ifdef S2META_VECTOR_ACTIVATIONS
     for (int64_t e = 0; e < n; e += kFloatLanes) {
       FloatLanes v;
-      std::memcpy(&v, a + e, sizeof(v));
-      v = Lanes::log_normal(v);
-      float out[kFloatLanes];
-      std::memcpy(out, &v, sizeof(v));
-      for (int l = 0; l < kFloatLanes; ++l) {
-        const float x = a[e + l];
-        // zero, subnormal, infinite (NaN lanes are never used): the library log
-        const bool normal = x >= 1.17549435e-38f && x <= 3.40282347e+38f;
-        a[e + l] = normal || !used[e + l] ? out[l] : std::log(x);
+      std::memcpy(&v, x + e, sizeof(v));
+      const FloatLanes mag = Lanes::abs(v);
+      const auto big = mag >= threshold;  // false for NaN
+      FloatLanes lg = Lanes::log_normal(mag) / p;
+      const auto odd = big & ((mag < 1.17549435e-38f) | (mag > 3.40282347e+38f));
+      bool any_odd = false;
+      for (int l = 0; l < kFloatLanes; ++l) any_odd |= odd[l] != 0;
+      if (any_odd) {
+        for (int l = 0; l < kFloatLanes; ++l)
+          if (odd[l]) lg[l] = std::log(mag[l]) / p;
       }
+      const FloatLanes one = FloatLanes{} + 1.0f, zero = FloatLanes{};
+      const FloatLanes sign = v > 0.0f ? one : (v < 0.0f ? -one : zero);
+      const FloatLanes lp = big ? lg : -one;
+      const FloatLanes sp = big ? sign : exp_p * v;
+      std::memcpy(log_part + e, &lp, sizeof(lp));
+      std::memcpy(sign_part + e, &sp, sizeof(sp));
     }
 #else
-    for (int64_t e = 0; e < n; ++e)
-      if (used[e]) a[e] = std::log(a[e]);
+    for (int64_t e = 0; e < n; ++e) preprocess_scalar(x[e], p, threshold, exp_p, &log_part[e], &sign_part[e]);
 #endif
   }
 };
@@ -191,9 +201,9 @@ struct Act<double> {
   static S2META_INLINE void tanh_inplace(double* a, int64_t n) {
     for (int64_t e = 0; e < n; ++e) a[e] = std::tanh(a[e]);
   }
-  static S2META_INLINE void log_inplace(double* a, const bool* used, int64_t n) {
-    for (int64_t e = 0; e < n; ++e)
-      if (used[e]) a[e] = std::log(a[e]);
+  static S2META_INLINE void preprocess(const double* x, int64_t n, double p, double threshold, double exp_p,
+                                       double* log_part, double* sign_part) {
+    for (int64_t e = 0; e < n; ++e) preprocess_scalar(x[e], p, threshold, exp_p, &log_part[e], &sign_part[e]);
   }
 };
 
