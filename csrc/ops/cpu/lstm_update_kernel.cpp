@@ -35,7 +35,7 @@ using lstm_cpu::Act;
 using lstm_cpu::gemm_block;
 
 constexpr int kBlock = 16;            // coordinates per block (lanes)
-constexpr int64_t kChunkBlocks = 32;  // blocks per chunk: the unit of parallel work
+constexpr int64_t kChunkBlocks = 64;  // blocks per chunk: the unit of parallel work
 
 // A run of blocks [t_begin, t_end) of controller k; block t covers scenario t / blocks_per_row,
 // coordinates offsets[k] + (t % blocks_per_row) * kBlock onwards.
@@ -480,6 +480,7 @@ S2META_INLINE void backward_range(const Ctx<T>& ctx, int64_t chunk_begin, int64_
     const Chunk& ch = ctx.chunks[ci];
     const int64_t lo = ctx.offsets[ch.k], hi = ctx.offsets[ch.k + 1];
     T* partial = ctx.partials + ci * ctx.partial_stride;
+    std::fill(partial, partial + ctx.partial_stride, T(0));  // here, not up front: it stays in cache
     for (int64_t t = ch.t_begin; t < ch.t_end; ++t) {
       const int64_t s = t / ch.blocks_per_row;
       const int64_t j0 = lo + (t % ch.blocks_per_row) * kBlock;
@@ -689,7 +690,7 @@ Gradients lstm_update_multi_backward_cpu(
   }
   const std::vector<Chunk> chunks = make_chunks(d, offsets);
   const int64_t n_chunks = static_cast<int64_t>(chunks.size());
-  at::Tensor partials = at::zeros({n_chunks, P}, theta.options());
+  at::Tensor partials = at::empty({n_chunks, P}, theta.options());  // each chunk zeroes its own row
 
   AT_DISPATCH_FLOATING_TYPES(theta.scalar_type(), "lstm_update_multi_backward_cpu", [&] {
     const PreparedWeights<scalar_t> w(d, w_ih, w_hh, b_ih, b_hh, ln_w, ln_b, w_gate, b_gate, true);
