@@ -19,6 +19,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
+#include <cstring>
 #include <tuple>
 #include <vector>
 
@@ -225,14 +226,18 @@ S2META_INLINE void block_forward(const Ctx<T>& ctx, int64_t k, int64_t s, int64_
   const PreparedWeights<T>& w = *ctx.w;
   T* in = sc.in;
   const int64_t base = s * N + j0;
-  for (int b = 0; b < kBlock; ++b) {
-    const bool live = b < nb;
-    const T gv = live ? lstm::clamp_keep_nan(ctx.grad[base + b], ctx.clip) : T(0);
-    const T tv = live ? ctx.theta[base + b] : T(0);
-    sc.g[b] = gv;
-    sc.th[b] = tv;
-    in[4 * kBlock + b] = ctx.loss_feature[s];
+  if (nb == kBlock) {
+    Act<T>::clamp_copy(ctx.grad + base, ctx.clip, sc.g, kBlock);
+    std::memcpy(sc.th, ctx.theta + base, sizeof(T) * kBlock);
+  } else {
+    for (int b = 0; b < kBlock; ++b) {
+      const bool live = b < nb;
+      sc.g[b] = live ? lstm::clamp_keep_nan(ctx.grad[base + b], ctx.clip) : T(0);
+      sc.th[b] = live ? ctx.theta[base + b] : T(0);
+    }
   }
+  const T loss_feature = ctx.loss_feature[s];
+  for (int b = 0; b < kBlock; ++b) in[4 * kBlock + b] = loss_feature;
   // The Eq. 12 features of g and theta: rows 0, 1 and 2, 3 of the block input.
   Act<T>::preprocess(sc.g, kBlock, ctx.p, ctx.threshold, ctx.exp_p, in, in + kBlock);
   Act<T>::preprocess(sc.th, kBlock, ctx.p, ctx.threshold, ctx.exp_p, in + 2 * kBlock, in + 3 * kBlock);

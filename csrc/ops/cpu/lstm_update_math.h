@@ -1,6 +1,6 @@
 // Activations and the small block GEMM of the CPU lstm_update kernel, written as plain loops
-// over a block of B coordinates so that GCC vectorises them (AVX2 in the target("avx2,fma")
-// instantiation, SSE2 otherwise).
+// over a block of B coordinates so that GCC vectorises them (AVX-512 / AVX2 in the target
+// clones of the kernel, SSE2 otherwise).
 //
 // float: exp is a Cody-Waite reduction plus a degree-7 polynomial (error ~0.1 ulp before the
 // final rounding), sigmoid/tanh are built on exp(-|x|) so nothing overflows, and tanh uses its
@@ -156,6 +156,21 @@ struct Act<float> {
   static S2META_INLINE void sigmoid_inplace(float* a, int64_t n) { S2META_APPLY_LANES(a, n, sigmoid) }
   static S2META_INLINE void tanh_inplace(float* a, int64_t n) { S2META_APPLY_LANES(a, n, tanh) }
 #undef S2META_APPLY_LANES
+  // dst = lstm::clamp_keep_nan(src, clip) (NaN stays NaN), as selects: no per-lane branches.
+  static S2META_INLINE void clamp_copy(const float* src, float clip, float* dst, int64_t n) {
+#ifdef S2META_VECTOR_ACTIVATIONS
+    for (int64_t e = 0; e < n; e += kFloatLanes) {
+      FloatLanes v;
+      std::memcpy(&v, src + e, sizeof(v));
+      const FloatLanes hi = FloatLanes{} + clip;
+      v = v < -hi ? -hi : (v > hi ? hi : v);
+      std::memcpy(dst + e, &v, sizeof(v));
+    }
+#else
+    for (int64_t e = 0; e < n; ++e) dst[e] = src[e] < -clip ? -clip : (src[e] > clip ? clip : src[e]);
+#endif
+  }
+
   // preprocess_scalar (ops/grad_preprocess.h) of x[0..n), n a multiple of the lane count, with
   // the logs taken by log_normal and lanes it does not cover (0, subnormal, inf) by std::log.
   static S2META_INLINE void preprocess(const float* x, int64_t n, float p, float threshold, float exp_p,
@@ -200,6 +215,9 @@ struct Act<double> {
   }
   static S2META_INLINE void tanh_inplace(double* a, int64_t n) {
     for (int64_t e = 0; e < n; ++e) a[e] = std::tanh(a[e]);
+  }
+  static S2META_INLINE void clamp_copy(const double* src, double clip, double* dst, int64_t n) {
+    for (int64_t e = 0; e < n; ++e) dst[e] = src[e] < -clip ? -clip : (src[e] > clip ? clip : src[e]);
   }
   static S2META_INLINE void preprocess(const double* x, int64_t n, double p, double threshold, double exp_p,
                                        double* log_part, double* sign_part) {
