@@ -19,6 +19,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
+#include <cstring>
 #include <tuple>
 #include <vector>
 
@@ -35,7 +36,7 @@ using lstm_cpu::Act;
 using lstm_cpu::gemm_block;
 
 constexpr int kBlock = 16;            // coordinates per block (lanes)
-constexpr int64_t kChunkBlocks = 32;  // blocks per chunk: the unit of parallel work
+constexpr int64_t kChunkBlocks = 64;  // blocks per chunk: the unit of parallel work
 
 // A run of blocks [t_begin, t_end) of controller k; block t covers scenario t / blocks_per_row,
 // coordinates offsets[k] + (t % blocks_per_row) * kBlock onwards.
@@ -137,52 +138,120 @@ struct Ctx {
 template <typename T>
 struct Scratch {
   std::vector<T> storage;
-  T *in, *in_t, *act, *c_prev, *c_new, *tanh_c, *xhat, *h_new, *dz, *dh_tot, *dh_out;
+  T *in, *in_t, *act, *c_prev, *c_new, *tanh_c, *xhat, *h_new, *dz, *dh_tot, *dh_out, *dc_out;
   T th[kBlock], g[kBlock], alpha[kBlock], beta[kBlock], rstd[kBlock];
 
   Scratch(int64_t H, int64_t padded_features) {
     const int64_t F = lstm::kFeatures + H, G = 4 * H;
     const int64_t sizes[] = {F * kBlock, padded_features * kBlock, G * kBlock, H * kBlock, H * kBlock, H * kBlock,
-                             H * kBlock, H * kBlock, G * kBlock, H * kBlock, H * kBlock};
+                             H * kBlock, H * kBlock, G * kBlock, H * kBlock, H * kBlock, H * kBlock};
     int64_t total = 0;
     for (int64_t s : sizes) total += s;
     storage.assign(total, T(0));
     T* cursor = storage.data();
-    T** slots[] = {&in, &in_t, &act, &c_prev, &c_new, &tanh_c, &xhat, &h_new, &dz, &dh_tot, &dh_out};
-    for (int i = 0; i < 11; ++i) {
+    T** slots[] = {&in, &in_t, &act, &c_prev, &c_new, &tanh_c, &xhat, &h_new, &dz, &dh_tot, &dh_out, &dc_out};
+    for (int i = 0; i < 12; ++i) {
       *slots[i] = cursor;
       cursor += sizes[i];
     }
   }
 };
 
-// Forward of one block: fills the scratch with every intermediate the backward needs.
+// Software prefetch of the [kBlock, H] rows of a block a few blocks ahead: with S x N x H
+// streams larger than the last-level cache, the hardware prefetcher alone leaves the block's
+// transposes waiting on memory.
+constexpr int64_t kPrefetchBlocks = 2;
 template <typename T>
+S2META_INLINE void prefetch_rows(const T* p, int64_t count, bool write) {
+#if defined(__GNUC__)
+  const char* c = reinterpret_cast<const char*>(p);
+  const int64_t bytes = count * static_cast<int64_t>(sizeof(T));
+  for (int64_t off = 0; off < bytes; off += 64) {
+    if (write)
+      __builtin_prefetch(c + off, 1, 3);
+    else
+      __builtin_prefetch(c + off, 0, 3);
+  }
+#else
+  (void)p;
+  (void)count;
+  (void)write;
+#endif
+}
+
+// Base offset (s * N + j0) of block t of a chunk.
+S2META_INLINE int64_t block_base(const Chunk& ch, int64_t lo, int64_t N, int64_t t) {
+  return (t / ch.blocks_per_row) * N + lo + (t % ch.blocks_per_row) * kBlock;
+}
+
+// The elementwise cell loops, as functions of restrict pointers: the scratch arrays share one
+// allocation, and without the promise GCC leaves these loops scalar.
+template <typename T>
+S2META_INLINE void cell_forward(int64_t n, const T* __restrict__ gi, const T* __restrict__ gf,
+                                const T* __restrict__ gg, const T* __restrict__ c_prev, T* __restrict__ c_new,
+                                T* __restrict__ tanh_c) {
+  for (int64_t e = 0; e < n; ++e) {
+    const T c = gf[e] * c_prev[e] + gi[e] * gg[e];
+    c_new[e] = c;
+    tanh_c[e] = c;
+  }
+}
+
+template <typename T>
+S2META_INLINE void mul_into(int64_t n, const T* __restrict__ a, const T* __restrict__ b, T* __restrict__ out) {
+  for (int64_t e = 0; e < n; ++e) out[e] = a[e] * b[e];
+}
+
+template <typename T>
+S2META_INLINE void cell_backward(int64_t HB, const T* __restrict__ gi, const T* __restrict__ gf,
+                                 const T* __restrict__ gg, const T* __restrict__ go, const T* __restrict__ tanh_c,
+                                 const T* __restrict__ c_prev, const T* __restrict__ du,
+                                 const T* __restrict__ dc_in, T* __restrict__ dz, T* __restrict__ d_c) {
+  for (int64_t e = 0; e < HB; ++e) {
+    const T tc = tanh_c[e];
+    const T i = gi[e], f = gf[e], g = gg[e], o = go[e];
+    const T dc_tot = dc_in[e] + du[e] * o * (T(1) - tc * tc);
+    dz[e] = dc_tot * g * i * (T(1) - i);
+    dz[HB + e] = dc_tot * c_prev[e] * f * (T(1) - f);
+    dz[2 * HB + e] = dc_tot * i * (T(1) - g * g);
+    dz[3 * HB + e] = du[e] * tc * o * (T(1) - o);
+    d_c[e] = dc_tot * f;
+  }
+}
+
+// Forward of one block: fills the scratch with every intermediate the backward needs.
+template <typename T, int HC>
 S2META_INLINE void block_forward(const Ctx<T>& ctx, int64_t k, int64_t s, int64_t j0, int nb, Scratch<T>& sc) {
-  const int64_t H = ctx.d.H, G = 4 * H, F = lstm::kFeatures + H, N = ctx.d.N;
+  const int64_t H = HC ? HC : ctx.d.H, G = 4 * H, F = lstm::kFeatures + H, N = ctx.d.N;
   const PreparedWeights<T>& w = *ctx.w;
   T* in = sc.in;
   const int64_t base = s * N + j0;
-  for (int b = 0; b < kBlock; ++b) {
-    const bool live = b < nb;
-    const T gv = live ? lstm::clamp_keep_nan(ctx.grad[base + b], ctx.clip) : T(0);
-    const T tv = live ? ctx.theta[base + b] : T(0);
-    sc.g[b] = gv;
-    sc.th[b] = tv;
-    preprocess_scalar(gv, ctx.p, ctx.threshold, ctx.exp_p, &in[0 * kBlock + b], &in[1 * kBlock + b]);
-    preprocess_scalar(tv, ctx.p, ctx.threshold, ctx.exp_p, &in[2 * kBlock + b], &in[3 * kBlock + b]);
-    in[4 * kBlock + b] = ctx.loss_feature[s];
-    if (live) {
+  if (nb == kBlock) {
+    Act<T>::clamp_copy(ctx.grad + base, ctx.clip, sc.g, kBlock);
+    std::memcpy(sc.th, ctx.theta + base, sizeof(T) * kBlock);
+  } else {
+    for (int b = 0; b < kBlock; ++b) {
+      const bool live = b < nb;
+      sc.g[b] = live ? lstm::clamp_keep_nan(ctx.grad[base + b], ctx.clip) : T(0);
+      sc.th[b] = live ? ctx.theta[base + b] : T(0);
+    }
+  }
+  const T loss_feature = ctx.loss_feature[s];
+  for (int b = 0; b < kBlock; ++b) in[4 * kBlock + b] = loss_feature;
+  // The Eq. 12 features of g and theta: rows 0, 1 and 2, 3 of the block input.
+  Act<T>::preprocess(sc.g, kBlock, ctx.p, ctx.threshold, ctx.exp_p, in, in + kBlock);
+  Act<T>::preprocess(sc.th, kBlock, ctx.p, ctx.threshold, ctx.exp_p, in + 2 * kBlock, in + 3 * kBlock);
+  if (nb == kBlock) {
+    lstm_cpu::transpose_block(ctx.h + base * H, H, in + lstm::kFeatures * kBlock, kBlock, kBlock, H);
+    lstm_cpu::transpose_block(ctx.c + base * H, H, sc.c_prev, kBlock, kBlock, H);
+  } else {
+    for (int b = 0; b < kBlock; ++b) {
+      const bool live = b < nb;
       const T* h_row = ctx.h + (base + b) * H;
       const T* c_row = ctx.c + (base + b) * H;
       for (int64_t q = 0; q < H; ++q) {
-        in[(lstm::kFeatures + q) * kBlock + b] = h_row[q];
-        sc.c_prev[q * kBlock + b] = c_row[q];
-      }
-    } else {
-      for (int64_t q = 0; q < H; ++q) {
-        in[(lstm::kFeatures + q) * kBlock + b] = T(0);
-        sc.c_prev[q * kBlock + b] = T(0);
+        in[(lstm::kFeatures + q) * kBlock + b] = live ? h_row[q] : T(0);
+        sc.c_prev[q * kBlock + b] = live ? c_row[q] : T(0);
       }
     }
   }
@@ -197,11 +266,10 @@ S2META_INLINE void block_forward(const Ctx<T>& ctx, int64_t k, int64_t s, int64_
   const T* gf = act + HB;
   const T* gg = act + 2 * HB;
   const T* go = act + 3 * HB;
-  for (int64_t e = 0; e < HB; ++e) sc.c_new[e] = gf[e] * sc.c_prev[e] + gi[e] * gg[e];
-  for (int64_t e = 0; e < HB; ++e) sc.tanh_c[e] = sc.c_new[e];
+  cell_forward(HB, gi, gf, gg, sc.c_prev, sc.c_new, sc.tanh_c);
   Act<T>::tanh_inplace(sc.tanh_c, HB);
   T* hn = sc.h_new;
-  for (int64_t e = 0; e < HB; ++e) hn[e] = go[e] * sc.tanh_c[e];
+  mul_into(HB, go, sc.tanh_c, hn);
 
   if (ctx.d.layer_norm) {
     const T* lw = w.ln_w + k * H;
@@ -247,9 +315,9 @@ S2META_INLINE void block_forward(const Ctx<T>& ctx, int64_t k, int64_t s, int64_
   }
 }
 
-template <typename T>
+template <typename T, int HC>
 S2META_INLINE void forward_range(const Ctx<T>& ctx, int64_t chunk_begin, int64_t chunk_end) {
-  const int64_t H = ctx.d.H, N = ctx.d.N;
+  const int64_t H = HC ? HC : ctx.d.H, N = ctx.d.N;
   Scratch<T> sc(H, 0);
   for (int64_t ci = chunk_begin; ci < chunk_end; ++ci) {
     const Chunk& ch = ctx.chunks[ci];
@@ -258,29 +326,32 @@ S2META_INLINE void forward_range(const Ctx<T>& ctx, int64_t chunk_begin, int64_t
       const int64_t s = t / ch.blocks_per_row;
       const int64_t j0 = lo + (t % ch.blocks_per_row) * kBlock;
       const int nb = static_cast<int>(std::min<int64_t>(kBlock, hi - j0));
-      block_forward(ctx, ch.k, s, j0, nb, sc);
+      if (t + kPrefetchBlocks < ch.t_end) {
+        const int64_t pb = block_base(ch, lo, N, t + kPrefetchBlocks) * H;
+        prefetch_rows(ctx.h + pb, kBlock * H, false);
+        prefetch_rows(ctx.c + pb, kBlock * H, false);
+        prefetch_rows(ctx.h_new + pb, kBlock * H, true);
+        prefetch_rows(ctx.c_new + pb, kBlock * H, true);
+      }
+      block_forward<T, HC>(ctx, ch.k, s, j0, nb, sc);
       const int64_t base = s * N + j0;
       for (int b = 0; b < nb; ++b) {
         ctx.theta_new[base + b] = sc.beta[b] * sc.th[b] - sc.alpha[b] * sc.g[b];
         ctx.alpha_out[base + b] = sc.alpha[b];
         ctx.beta_out[base + b] = sc.beta[b];
-        T* h_row = ctx.h_new + (base + b) * H;
-        T* c_row = ctx.c_new + (base + b) * H;
-        for (int64_t q = 0; q < H; ++q) {
-          h_row[q] = sc.h_new[q * kBlock + b];
-          c_row[q] = sc.c_new[q * kBlock + b];
-        }
       }
+      lstm_cpu::transpose_block(sc.h_new, kBlock, ctx.h_new + base * H, H, H, nb);
+      lstm_cpu::transpose_block(sc.c_new, kBlock, ctx.c_new + base * H, H, H, nb);
     }
   }
 }
 
 // Backward of one block, after block_forward. Lanes >= nb get zero incoming gradients, so they
 // add exactly nothing to the weight gradients.
-template <typename T>
+template <typename T, int HC>
 S2META_INLINE void block_backward(const Ctx<T>& ctx, int64_t k, int64_t s, int64_t j0, int nb, Scratch<T>& sc,
                                   T* partial) {
-  const int64_t H = ctx.d.H, G = 4 * H, F = lstm::kFeatures + H, N = ctx.d.N, HB = H * kBlock;
+  const int64_t H = HC ? HC : ctx.d.H, G = 4 * H, N = ctx.d.N, HB = H * kBlock;
   const int64_t FP = ctx.padded_features;
   const PreparedWeights<T>& w = *ctx.w;
   const int64_t base = s * N + j0;
@@ -300,9 +371,13 @@ S2META_INLINE void block_backward(const Ctx<T>& ctx, int64_t k, int64_t s, int64
   T* d_wg = partial + G * FP + 2 * H;
   T* d_bg = d_wg + 2 * H;
   T* dh_tot = sc.dh_tot;
-  for (int b = 0; b < kBlock; ++b) {
-    const T* dh_row = ctx.d_h_new + (base + b) * H;
-    for (int64_t q = 0; q < H; ++q) dh_tot[q * kBlock + b] = b < nb ? dh_row[q] : T(0);
+  if (nb == kBlock) {
+    lstm_cpu::transpose_block(ctx.d_h_new + base * H, H, dh_tot, kBlock, kBlock, H);
+  } else {
+    for (int b = 0; b < kBlock; ++b) {
+      const T* dh_row = ctx.d_h_new + (base + b) * H;
+      for (int64_t q = 0; q < H; ++q) dh_tot[q * kBlock + b] = b < nb ? dh_row[q] : T(0);
+    }
   }
   for (int64_t q = 0; q < H; ++q) {
     T sa = T(0), sb = T(0);
@@ -361,100 +436,151 @@ S2META_INLINE void block_backward(const Ctx<T>& ctx, int64_t k, int64_t s, int64
   const T* go = sc.act + 3 * HB;
   T* dz = sc.dz;
   T* dc_in = sc.dh_out;  // holds d_c' until dh is computed
-  for (int b = 0; b < kBlock; ++b) {
-    const T* dc_row = ctx.d_c_new + (base + b) * H;
-    for (int64_t q = 0; q < H; ++q) dc_in[q * kBlock + b] = b < nb ? dc_row[q] : T(0);
+  if (nb == kBlock) {
+    lstm_cpu::transpose_block(ctx.d_c_new + base * H, H, dc_in, kBlock, kBlock, H);
+  } else {
+    for (int b = 0; b < kBlock; ++b) {
+      const T* dc_row = ctx.d_c_new + (base + b) * H;
+      for (int64_t q = 0; q < H; ++q) dc_in[q * kBlock + b] = b < nb ? dc_row[q] : T(0);
+    }
   }
-  T* d_c = sc.c_prev;  // overwritten in place once read
-  for (int64_t e = 0; e < HB; ++e) {
-    const T tc = sc.tanh_c[e];
-    const T i = gi[e], f = gf[e], g = gg[e], o = go[e];
-    const T dc_tot = dc_in[e] + du[e] * o * (T(1) - tc * tc);
-    const T c_prev = sc.c_prev[e];
-    dz[e] = dc_tot * g * i * (T(1) - i);
-    dz[HB + e] = dc_tot * c_prev * f * (T(1) - f);
-    dz[2 * HB + e] = dc_tot * i * (T(1) - g * g);
-    dz[3 * HB + e] = du[e] * tc * o * (T(1) - o);
-    d_c[e] = dc_tot * f;
-  }
+  T* d_c = sc.dc_out;
+  cell_backward(HB, gi, gf, gg, go, sc.tanh_c, sc.c_prev, du, dc_in, dz, d_c);
   T* dh = sc.dh_out;
   if (H % 4 == 0) {
     lstm_cpu::gemm_block_packed4<T, kBlock>(w.whh_t_pack.data() + k * H * G, w.zeros.data(), dz, H, G, dh);
   } else {
     gemm_block<T, kBlock>(w.whh_t.data() + k * H * G, nullptr, dz, H, G, dh);
   }
-  for (int b = 0; b < nb; ++b) {
-    T* dh_row = ctx.d_h + (base + b) * H;
-    T* dc_row = ctx.d_c + (base + b) * H;
-    for (int64_t q = 0; q < H; ++q) {
-      dh_row[q] = dh[q * kBlock + b];
-      dc_row[q] = d_c[q * kBlock + b];
-    }
-  }
+  lstm_cpu::transpose_block(dh, kBlock, ctx.d_h + base * H, H, H, nb);
+  lstm_cpu::transpose_block(d_c, kBlock, ctx.d_c + base * H, H, H, nb);
 
   // dW[r][j] += sum_b dz[r][b] x[j][b] over x = [features, h, 1]: the constant column F gives
-  // the bias gradient. Lane-major x rows make the inner loop a contiguous axpy over j.
+  // the bias gradient. Lane-major x rows make the inner loop a contiguous axpy over j. Columns
+  // F (1) and above (0 padding) were set once by backward_range.
   T* in_t = sc.in_t;
-  for (int b = 0; b < kBlock; ++b) {
-    T* row = in_t + b * FP;
-    for (int64_t j = 0; j < F; ++j) row[j] = sc.in[j * kBlock + b];
-    row[F] = T(1);
-    for (int64_t j = F + 1; j < FP; ++j) row[j] = T(0);
+  if (H % 8 == 0) {  // rows [0, 8) then [5, 5 + H): whole 8 x 8 tiles, columns 5..7 written twice
+    lstm_cpu::transpose_block(sc.in, kBlock, in_t, FP, 8, kBlock);
+  } else {
+    for (int b = 0; b < kBlock; ++b) {
+      T* row = in_t + b * FP;
+      for (int64_t j = 0; j < lstm::kFeatures; ++j) row[j] = sc.in[j * kBlock + b];
+    }
   }
+  lstm_cpu::transpose_block(sc.in + lstm::kFeatures * kBlock, kBlock, in_t + lstm::kFeatures, FP, H, kBlock);
   lstm_cpu::accumulate_outer<T, kBlock>(partial, dz, in_t, G, FP);
 }
 
-template <typename T>
+template <typename T, int HC>
 S2META_INLINE void backward_range(const Ctx<T>& ctx, int64_t chunk_begin, int64_t chunk_end) {
   Scratch<T> sc(ctx.d.H, ctx.padded_features);
+  const int64_t H = HC ? HC : ctx.d.H, N = ctx.d.N;
+  const int64_t F = lstm::kFeatures + H, FP = ctx.padded_features;
+  for (int b = 0; b < kBlock; ++b) {
+    T* row = sc.in_t + b * FP;
+    row[F] = T(1);
+    for (int64_t j = F + 1; j < FP; ++j) row[j] = T(0);
+  }
   for (int64_t ci = chunk_begin; ci < chunk_end; ++ci) {
     const Chunk& ch = ctx.chunks[ci];
     const int64_t lo = ctx.offsets[ch.k], hi = ctx.offsets[ch.k + 1];
     T* partial = ctx.partials + ci * ctx.partial_stride;
+    std::fill(partial, partial + ctx.partial_stride, T(0));  // here, not up front: it stays in cache
     for (int64_t t = ch.t_begin; t < ch.t_end; ++t) {
       const int64_t s = t / ch.blocks_per_row;
       const int64_t j0 = lo + (t % ch.blocks_per_row) * kBlock;
       const int nb = static_cast<int>(std::min<int64_t>(kBlock, hi - j0));
-      block_forward(ctx, ch.k, s, j0, nb, sc);
-      block_backward(ctx, ch.k, s, j0, nb, sc, partial);
+      if (t + kPrefetchBlocks < ch.t_end) {
+        const int64_t pb = block_base(ch, lo, N, t + kPrefetchBlocks) * H;
+        prefetch_rows(ctx.h + pb, kBlock * H, false);
+        prefetch_rows(ctx.c + pb, kBlock * H, false);
+        prefetch_rows(ctx.d_h_new + pb, kBlock * H, false);
+        prefetch_rows(ctx.d_c_new + pb, kBlock * H, false);
+        prefetch_rows(ctx.d_h + pb, kBlock * H, true);
+        prefetch_rows(ctx.d_c + pb, kBlock * H, true);
+      }
+      block_forward<T, HC>(ctx, ch.k, s, j0, nb, sc);
+      block_backward<T, HC>(ctx, ch.k, s, j0, nb, sc, partial);
     }
   }
 }
 
-// Two instantiations of each driver: one compiled for AVX2+FMA, picked at run time when the CPU
-// has them, and a baseline one, so the library still runs on any x86-64 (or other) CPU.
+// Three instantiations of each driver: AVX-512 and AVX2+FMA clones, picked at run time when the
+// CPU has them, and a baseline one, so the library still runs on any x86-64 (or other) CPU. Each
+// is compiled for H = 16 (the paper's hidden size: every loop bound a constant) and for any H.
+template <typename T, int HC>
+void forward_range_base(const Ctx<T>& ctx, int64_t b, int64_t e) {
+  forward_range<T, HC>(ctx, b, e);
+}
+template <typename T, int HC>
+void backward_range_base(const Ctx<T>& ctx, int64_t b, int64_t e) {
+  backward_range<T, HC>(ctx, b, e);
+}
 #if defined(__GNUC__) && defined(__x86_64__)
 #define S2META_HAVE_AVX2_CLONE 1
-template <typename T>
+#define S2META_AVX512_TARGET "avx512f,avx512vl,avx512bw,avx512dq,avx2,fma"
+template <typename T, int HC>
 __attribute__((target("avx2,fma"))) void forward_range_avx2(const Ctx<T>& ctx, int64_t b, int64_t e) {
-  forward_range(ctx, b, e);
+  forward_range<T, HC>(ctx, b, e);
 }
-template <typename T>
+template <typename T, int HC>
 __attribute__((target("avx2,fma"))) void backward_range_avx2(const Ctx<T>& ctx, int64_t b, int64_t e) {
-  backward_range(ctx, b, e);
+  backward_range<T, HC>(ctx, b, e);
 }
-// S2META_CPU_BASELINE=1 forces the baseline build, so tests can cover it on an AVX2 machine.
-bool cpu_has_avx2() {
-  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-                          std::getenv("S2META_CPU_BASELINE") == nullptr;
-  return has;
+template <typename T, int HC>
+__attribute__((target(S2META_AVX512_TARGET))) void forward_range_avx512(const Ctx<T>& ctx, int64_t b, int64_t e) {
+  forward_range<T, HC>(ctx, b, e);
+}
+template <typename T, int HC>
+__attribute__((target(S2META_AVX512_TARGET))) void backward_range_avx512(const Ctx<T>& ctx, int64_t b, int64_t e) {
+  backward_range<T, HC>(ctx, b, e);
+}
+// 0: baseline, 1: AVX2+FMA, 2: AVX-512. S2META_CPU_BASELINE=1 forces the baseline build, so tests
+// can cover it on an AVX2 machine; S2META_CPU_NO_AVX512=1 caps it at AVX2.
+int cpu_level() {
+  static const int level = [] {
+    if (std::getenv("S2META_CPU_BASELINE") != nullptr) return 0;
+    if (!(__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))) return 0;
+    if (std::getenv("S2META_CPU_NO_AVX512") == nullptr && __builtin_cpu_supports("avx512f") &&
+        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bw") &&
+        __builtin_cpu_supports("avx512dq"))
+      return 2;
+    return 1;
+  }();
+  return level;
 }
 #endif
 
+template <typename T, int HC>
+void forward_dispatch_h(const Ctx<T>& ctx, int64_t b, int64_t e) {
+#ifdef S2META_HAVE_AVX2_CLONE
+  const int level = cpu_level();
+  if (level == 2) return forward_range_avx512<T, HC>(ctx, b, e);
+  if (level == 1) return forward_range_avx2<T, HC>(ctx, b, e);
+#endif
+  forward_range_base<T, HC>(ctx, b, e);
+}
+
+template <typename T, int HC>
+void backward_dispatch_h(const Ctx<T>& ctx, int64_t b, int64_t e) {
+#ifdef S2META_HAVE_AVX2_CLONE
+  const int level = cpu_level();
+  if (level == 2) return backward_range_avx512<T, HC>(ctx, b, e);
+  if (level == 1) return backward_range_avx2<T, HC>(ctx, b, e);
+#endif
+  backward_range_base<T, HC>(ctx, b, e);
+}
+
 template <typename T>
 void forward_dispatch(const Ctx<T>& ctx, int64_t b, int64_t e) {
-#ifdef S2META_HAVE_AVX2_CLONE
-  if (cpu_has_avx2()) return forward_range_avx2(ctx, b, e);
-#endif
-  forward_range(ctx, b, e);
+  if (ctx.d.H == 16) return forward_dispatch_h<T, 16>(ctx, b, e);
+  forward_dispatch_h<T, 0>(ctx, b, e);
 }
 
 template <typename T>
 void backward_dispatch(const Ctx<T>& ctx, int64_t b, int64_t e) {
-#ifdef S2META_HAVE_AVX2_CLONE
-  if (cpu_has_avx2()) return backward_range_avx2(ctx, b, e);
-#endif
-  backward_range(ctx, b, e);
+  if (ctx.d.H == 16) return backward_dispatch_h<T, 16>(ctx, b, e);
+  backward_dispatch_h<T, 0>(ctx, b, e);
 }
 
 template <typename T>
@@ -569,7 +695,7 @@ Gradients lstm_update_multi_backward_cpu(
   }
   const std::vector<Chunk> chunks = make_chunks(d, offsets);
   const int64_t n_chunks = static_cast<int64_t>(chunks.size());
-  at::Tensor partials = at::zeros({n_chunks, P}, theta.options());
+  at::Tensor partials = at::empty({n_chunks, P}, theta.options());  // each chunk zeroes its own row
 
   AT_DISPATCH_FLOATING_TYPES(theta.scalar_type(), "lstm_update_multi_backward_cpu", [&] {
     const PreparedWeights<scalar_t> w(d, w_ih, w_hh, b_ih, b_hh, ln_w, ln_b, w_gate, b_gate, true);

@@ -1,6 +1,6 @@
 // Activations and the small block GEMM of the CPU lstm_update kernel, written as plain loops
-// over a block of B coordinates so that GCC vectorises them (AVX2 in the target("avx2,fma")
-// instantiation, SSE2 otherwise).
+// over a block of B coordinates so that GCC vectorises them (AVX-512 / AVX2 in the target
+// clones of the kernel, SSE2 otherwise).
 //
 // float: exp is a Cody-Waite reduction plus a degree-7 polynomial (error ~0.1 ulp before the
 // final rounding), sigmoid/tanh are built on exp(-|x|) so nothing overflows, and tanh uses its
@@ -12,6 +12,9 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
+
+#include "ops/grad_preprocess.h"
 
 #if defined(__GNUC__) && !defined(__clang__)
 // The 32-byte lanes below never cross a non-inlined call boundary; GCC's ABI note is noise here.
@@ -69,6 +72,36 @@ struct FloatActImpl {
     return x < -87.0f ? V{} : result;
   }
 
+  // ln x for positive normal finite x (Cephes logf: |error| < 1.5 ulp); other inputs give garbage
+  // that the caller must not use (log_inplace recomputes those lanes with std::log).
+  static S2META_INLINE V log_normal(V x) {
+    const VI bits = float_to_bits(x);
+    VI eb = bits >> 23;  // x = m 2^(eb - 126), m in [0.5, 1)
+    V m = bits_to_float((bits & 0x007fffffu) | 0x3f000000u);
+    const auto small = m < 0.707106781186547524f;  // m in [0.5, sqrt(1/2)): use 2m and eb - 1
+    eb = small ? eb - 1 : eb;
+    m = small ? m + m - 1.0f : m - 1.0f;
+    V ef;
+    if constexpr (std::is_same_v<V, float>) {
+      ef = static_cast<float>(eb) - 126.0f;
+    } else {
+      ef = __builtin_convertvector(eb, V) - 126.0f;
+    }
+    const V z = m * m;
+    V y = m * 7.0376836292e-2f - 1.1514610310e-1f;
+    y = y * m + 1.1676998740e-1f;
+    y = y * m - 1.2420140846e-1f;
+    y = y * m + 1.4249322787e-1f;
+    y = y * m - 1.6668057665e-1f;
+    y = y * m + 2.0000714765e-1f;
+    y = y * m - 2.4999993993e-1f;
+    y = y * m + 3.3333331174e-1f;
+    y = y * m * z;
+    y = y + ef * -2.12194440e-4f;
+    y = y - 0.5f * z;
+    return m + y + ef * 0.693359375f;
+  }
+
   static S2META_INLINE V sigmoid(V z) {
     const V e = exp_nonpositive(-abs(z));
     const V r = 1.0f / (1.0f + e);
@@ -123,6 +156,50 @@ struct Act<float> {
   static S2META_INLINE void sigmoid_inplace(float* a, int64_t n) { S2META_APPLY_LANES(a, n, sigmoid) }
   static S2META_INLINE void tanh_inplace(float* a, int64_t n) { S2META_APPLY_LANES(a, n, tanh) }
 #undef S2META_APPLY_LANES
+  // dst = lstm::clamp_keep_nan(src, clip) (NaN stays NaN), as selects: no per-lane branches.
+  static S2META_INLINE void clamp_copy(const float* src, float clip, float* dst, int64_t n) {
+#ifdef S2META_VECTOR_ACTIVATIONS
+    for (int64_t e = 0; e < n; e += kFloatLanes) {
+      FloatLanes v;
+      std::memcpy(&v, src + e, sizeof(v));
+      const FloatLanes hi = FloatLanes{} + clip;
+      v = v < -hi ? -hi : (v > hi ? hi : v);
+      std::memcpy(dst + e, &v, sizeof(v));
+    }
+#else
+    for (int64_t e = 0; e < n; ++e) dst[e] = src[e] < -clip ? -clip : (src[e] > clip ? clip : src[e]);
+#endif
+  }
+
+  // preprocess_scalar (ops/grad_preprocess.h) of x[0..n), n a multiple of the lane count, with
+  // the logs taken by log_normal and lanes it does not cover (0, subnormal, inf) by std::log.
+  static S2META_INLINE void preprocess(const float* x, int64_t n, float p, float threshold, float exp_p,
+                                       float* log_part, float* sign_part) {
+#ifdef S2META_VECTOR_ACTIVATIONS
+    for (int64_t e = 0; e < n; e += kFloatLanes) {
+      FloatLanes v;
+      std::memcpy(&v, x + e, sizeof(v));
+      const FloatLanes mag = Lanes::abs(v);
+      const auto big = mag >= threshold;  // false for NaN
+      FloatLanes lg = Lanes::log_normal(mag) / p;
+      const auto odd = big & ((mag < 1.17549435e-38f) | (mag > 3.40282347e+38f));
+      bool any_odd = false;
+      for (int l = 0; l < kFloatLanes; ++l) any_odd |= odd[l] != 0;
+      if (any_odd) {
+        for (int l = 0; l < kFloatLanes; ++l)
+          if (odd[l]) lg[l] = std::log(mag[l]) / p;
+      }
+      const FloatLanes one = FloatLanes{} + 1.0f, zero = FloatLanes{};
+      const FloatLanes sign = v > 0.0f ? one : (v < 0.0f ? -one : zero);
+      const FloatLanes lp = big ? lg : -one;
+      const FloatLanes sp = big ? sign : exp_p * v;
+      std::memcpy(log_part + e, &lp, sizeof(lp));
+      std::memcpy(sign_part + e, &sp, sizeof(sp));
+    }
+#else
+    for (int64_t e = 0; e < n; ++e) preprocess_scalar(x[e], p, threshold, exp_p, &log_part[e], &sign_part[e]);
+#endif
+  }
 };
 
 template <>
@@ -139,7 +216,74 @@ struct Act<double> {
   static S2META_INLINE void tanh_inplace(double* a, int64_t n) {
     for (int64_t e = 0; e < n; ++e) a[e] = std::tanh(a[e]);
   }
+  static S2META_INLINE void clamp_copy(const double* src, double clip, double* dst, int64_t n) {
+    for (int64_t e = 0; e < n; ++e) dst[e] = src[e] < -clip ? -clip : (src[e] > clip ? clip : src[e]);
+  }
+  static S2META_INLINE void preprocess(const double* x, int64_t n, double p, double threshold, double exp_p,
+                                       double* log_part, double* sign_part) {
+    for (int64_t e = 0; e < n; ++e) preprocess_scalar(x[e], p, threshold, exp_p, &log_part[e], &sign_part[e]);
+  }
 };
+
+// dst[c * dst_stride + r] = src[r * src_stride + c] for r < R, c < C: the row-major <->
+// feature-major conversions of a block. float with R and C multiples of 8 goes through 8 x 8
+// register transposes (unpack / shuffle / 128-bit lane swaps), everything else element by element.
+template <typename T>
+S2META_INLINE void transpose_block(const T* __restrict__ src, int64_t src_stride, T* __restrict__ dst,
+                                   int64_t dst_stride, int64_t R, int64_t C) {
+  for (int64_t r = 0; r < R; ++r)
+    for (int64_t c = 0; c < C; ++c) dst[c * dst_stride + r] = src[r * src_stride + c];
+}
+
+#ifdef S2META_VECTOR_ACTIVATIONS
+S2META_INLINE void transpose8x8(const float* __restrict__ src, int64_t src_stride, float* __restrict__ dst,
+                                int64_t dst_stride) {
+  FloatLanes r0, r1, r2, r3, r4, r5, r6, r7;
+  std::memcpy(&r0, src, 32);
+  std::memcpy(&r1, src + src_stride, 32);
+  std::memcpy(&r2, src + 2 * src_stride, 32);
+  std::memcpy(&r3, src + 3 * src_stride, 32);
+  std::memcpy(&r4, src + 4 * src_stride, 32);
+  std::memcpy(&r5, src + 5 * src_stride, 32);
+  std::memcpy(&r6, src + 6 * src_stride, 32);
+  std::memcpy(&r7, src + 7 * src_stride, 32);
+  const IntLanes lo = {0, 8, 1, 9, 4, 12, 5, 13}, hi = {2, 10, 3, 11, 6, 14, 7, 15};
+  const FloatLanes t0 = __builtin_shuffle(r0, r1, lo), t1 = __builtin_shuffle(r0, r1, hi);
+  const FloatLanes t2 = __builtin_shuffle(r2, r3, lo), t3 = __builtin_shuffle(r2, r3, hi);
+  const FloatLanes t4 = __builtin_shuffle(r4, r5, lo), t5 = __builtin_shuffle(r4, r5, hi);
+  const FloatLanes t6 = __builtin_shuffle(r6, r7, lo), t7 = __builtin_shuffle(r6, r7, hi);
+  const IntLanes plo = {0, 1, 8, 9, 4, 5, 12, 13}, phi = {2, 3, 10, 11, 6, 7, 14, 15};
+  const FloatLanes u0 = __builtin_shuffle(t0, t2, plo), u1 = __builtin_shuffle(t0, t2, phi);
+  const FloatLanes u2 = __builtin_shuffle(t1, t3, plo), u3 = __builtin_shuffle(t1, t3, phi);
+  const FloatLanes u4 = __builtin_shuffle(t4, t6, plo), u5 = __builtin_shuffle(t4, t6, phi);
+  const FloatLanes u6 = __builtin_shuffle(t5, t7, plo), u7 = __builtin_shuffle(t5, t7, phi);
+  const IntLanes qlo = {0, 1, 2, 3, 8, 9, 10, 11}, qhi = {4, 5, 6, 7, 12, 13, 14, 15};
+  const FloatLanes o0 = __builtin_shuffle(u0, u4, qlo), o4 = __builtin_shuffle(u0, u4, qhi);
+  const FloatLanes o1 = __builtin_shuffle(u1, u5, qlo), o5 = __builtin_shuffle(u1, u5, qhi);
+  const FloatLanes o2 = __builtin_shuffle(u2, u6, qlo), o6 = __builtin_shuffle(u2, u6, qhi);
+  const FloatLanes o3 = __builtin_shuffle(u3, u7, qlo), o7 = __builtin_shuffle(u3, u7, qhi);
+  std::memcpy(dst, &o0, 32);
+  std::memcpy(dst + dst_stride, &o1, 32);
+  std::memcpy(dst + 2 * dst_stride, &o2, 32);
+  std::memcpy(dst + 3 * dst_stride, &o3, 32);
+  std::memcpy(dst + 4 * dst_stride, &o4, 32);
+  std::memcpy(dst + 5 * dst_stride, &o5, 32);
+  std::memcpy(dst + 6 * dst_stride, &o6, 32);
+  std::memcpy(dst + 7 * dst_stride, &o7, 32);
+}
+
+template <>
+S2META_INLINE void transpose_block<float>(const float* __restrict__ src, int64_t src_stride, float* __restrict__ dst,
+                                          int64_t dst_stride, int64_t R, int64_t C) {
+  if (R % 8 != 0 || C % 8 != 0) {
+    for (int64_t r = 0; r < R; ++r)
+      for (int64_t c = 0; c < C; ++c) dst[c * dst_stride + r] = src[r * src_stride + c];
+    return;
+  }
+  for (int64_t r = 0; r < R; r += 8)
+    for (int64_t c = 0; c < C; c += 8) transpose8x8(src + r * src_stride + c, src_stride, dst + c * dst_stride + r, dst_stride);
+}
+#endif
 
 // out[m][b] = bias[m] (or 0) + sum_k A[m][k] X[k][b] for a block of B columns. Four rows at a
 // time keep 4 * B accumulators in registers and load each X row once per four rows.
@@ -239,8 +383,9 @@ S2META_INLINE void accumulate_outer(T* __restrict__ acc, const T* __restrict__ d
 }
 
 #ifdef S2META_VECTOR_ACTIVATIONS
-// float, FP a multiple of 8: a 4-row x 8-column tile stays in four vector registers across the
-// B lanes, instead of a load-FMA-store of the accumulator per lane.
+// float, FP a multiple of 8: a 4-row x 24-column tile (twelve vector accumulators) stays in
+// registers across the B lanes. Twelve independent FMA chains hide the FMA latency (four, as
+// before, left it latency-bound), and each lane costs 3 loads + 4 broadcasts per 12 FMAs.
 template <>
 S2META_INLINE void accumulate_outer<float, 16>(float* __restrict__ acc, const float* __restrict__ dz,
                                                const float* __restrict__ x_t, int64_t M, int64_t FP) {
@@ -250,23 +395,85 @@ S2META_INLINE void accumulate_outer<float, 16>(float* __restrict__ acc, const fl
         for (int64_t j = 0; j < FP; ++j) acc[r * FP + j] += dz[r * 16 + b] * x_t[b * FP + j];
     return;
   }
-  for (int64_t r = 0; r < M; r += 4) {
-    const float* d0 = dz + r * 16;
-    for (int64_t j = 0; j < FP; j += kFloatLanes) {
+  int64_t j = 0;
+  for (; j + 3 * kFloatLanes <= FP; j += 3 * kFloatLanes) {
+    for (int64_t r = 0; r < M; r += 4) {
+      const float* d0 = dz + r * 16;
       float* o = acc + r * FP + j;
-      FloatLanes c0, c1, c2, c3;
+      FloatLanes c00, c01, c02, c10, c11, c12, c20, c21, c22, c30, c31, c32;
+      std::memcpy(&c00, o, 32);
+      std::memcpy(&c01, o + 8, 32);
+      std::memcpy(&c02, o + 16, 32);
+      std::memcpy(&c10, o + FP, 32);
+      std::memcpy(&c11, o + FP + 8, 32);
+      std::memcpy(&c12, o + FP + 16, 32);
+      std::memcpy(&c20, o + 2 * FP, 32);
+      std::memcpy(&c21, o + 2 * FP + 8, 32);
+      std::memcpy(&c22, o + 2 * FP + 16, 32);
+      std::memcpy(&c30, o + 3 * FP, 32);
+      std::memcpy(&c31, o + 3 * FP + 8, 32);
+      std::memcpy(&c32, o + 3 * FP + 16, 32);
+      for (int b = 0; b < 16; ++b) {
+        FloatLanes x0, x1, x2;
+        const float* xr = x_t + b * FP + j;
+        std::memcpy(&x0, xr, 32);
+        std::memcpy(&x1, xr + 8, 32);
+        std::memcpy(&x2, xr + 16, 32);
+        const float w0 = d0[b], w1 = d0[16 + b], w2 = d0[32 + b], w3 = d0[48 + b];
+        c00 += w0 * x0;
+        c01 += w0 * x1;
+        c02 += w0 * x2;
+        c10 += w1 * x0;
+        c11 += w1 * x1;
+        c12 += w1 * x2;
+        c20 += w2 * x0;
+        c21 += w2 * x1;
+        c22 += w2 * x2;
+        c30 += w3 * x0;
+        c31 += w3 * x1;
+        c32 += w3 * x2;
+      }
+      std::memcpy(o, &c00, 32);
+      std::memcpy(o + 8, &c01, 32);
+      std::memcpy(o + 16, &c02, 32);
+      std::memcpy(o + FP, &c10, 32);
+      std::memcpy(o + FP + 8, &c11, 32);
+      std::memcpy(o + FP + 16, &c12, 32);
+      std::memcpy(o + 2 * FP, &c20, 32);
+      std::memcpy(o + 2 * FP + 8, &c21, 32);
+      std::memcpy(o + 2 * FP + 16, &c22, 32);
+      std::memcpy(o + 3 * FP, &c30, 32);
+      std::memcpy(o + 3 * FP + 8, &c31, 32);
+      std::memcpy(o + 3 * FP + 16, &c32, 32);
+    }
+  }
+  for (; j < FP; j += kFloatLanes) {
+    for (int64_t r = 0; r < M; r += 4) {
+      const float* d0 = dz + r * 16;
+      float* o = acc + r * FP + j;
+      // two accumulators per row (even / odd lanes): eight FMA chains
+      FloatLanes c0, c1, c2, c3, e0 = FloatLanes{}, e1 = e0, e2 = e0, e3 = e0;
       std::memcpy(&c0, o, 32);
       std::memcpy(&c1, o + FP, 32);
       std::memcpy(&c2, o + 2 * FP, 32);
       std::memcpy(&c3, o + 3 * FP, 32);
-      for (int b = 0; b < 16; ++b) {
-        FloatLanes x;
+      for (int b = 0; b < 16; b += 2) {
+        FloatLanes x, y;
         std::memcpy(&x, x_t + b * FP + j, 32);
+        std::memcpy(&y, x_t + (b + 1) * FP + j, 32);
         c0 += d0[b] * x;
         c1 += d0[16 + b] * x;
         c2 += d0[32 + b] * x;
         c3 += d0[48 + b] * x;
+        e0 += d0[b + 1] * y;
+        e1 += d0[17 + b] * y;
+        e2 += d0[33 + b] * y;
+        e3 += d0[49 + b] * y;
       }
+      c0 += e0;
+      c1 += e1;
+      c2 += e2;
+      c3 += e3;
       std::memcpy(o, &c0, 32);
       std::memcpy(o + FP, &c1, 32);
       std::memcpy(o + 2 * FP, &c2, 32);
