@@ -80,3 +80,26 @@ def test_missing_and_malformed_files(tmp_path):
         load_config(_write(tmp_path, "data: [unclosed\n"))
     with pytest.raises(ConfigError, match="must be a mapping"):
         load_config(_write(tmp_path, "data: 3\n"))
+
+
+def test_heldout_user_frac_is_validated_and_reaches_the_data_layer(tmp_path, monkeypatch):
+    with pytest.raises(ConfigError, match="heldout_user_frac"):
+        load_config(_write(tmp_path, "heldout_user_frac: 1.5\n"))
+    cfg = load_config(_write(tmp_path, "heldout_user_frac: 0\n"))
+    assert cfg.data.heldout_user_frac == 0.0
+
+    import s2meta_fast.data as data
+    from s2meta_fast.eval import pipeline
+
+    seen = {}
+
+    class Prepared:
+        name, train, valid, test = "fake", [], [], []
+
+    def fake_prepare(name, data_dir, **kwargs):
+        seen.update(kwargs)
+        return Prepared()
+
+    monkeypatch.setattr(data, "prepare", fake_prepare)
+    pipeline.prepare_data(cfg)
+    assert seen["heldout_user_frac"] == 0.0  # the paper's shared-user protocol, from the config

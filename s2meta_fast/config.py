@@ -61,6 +61,9 @@ class DataConfig:
         embed_dim: d, the size of the user/item embeddings trained on the source domain.
         cache_dir: where prepared data and embeddings are cached; None uses the data layer's default.
         mf_epochs: epochs of the embedding matrix factorisation; None uses the dataset's default.
+        heldout_user_frac: share of the shared users held out of meta-training so meta-train,
+            meta-valid and meta-test scenarios have disjoint users (docs/data.md); 0 gives the
+            paper's shared-user protocol; None uses the data layer's default.
     """
 
     dataset: str = "ml100k"
@@ -70,6 +73,7 @@ class DataConfig:
     embed_dim: int = 64
     cache_dir: Optional[str] = None
     mf_epochs: Optional[int] = None
+    heldout_user_frac: Optional[float] = None
 
     def __post_init__(self) -> None:
         _need(isinstance(self.dataset, str) and self.dataset != "", "DataConfig", "dataset must be a name")
@@ -81,6 +85,8 @@ class DataConfig:
             _need(self.min_items <= self.max_items, "DataConfig",
                   f"min_items ({self.min_items}) must not exceed max_items ({self.max_items})")
         _need(_positive_int(self.embed_dim), "DataConfig", f"embed_dim must be a positive int, got {self.embed_dim!r}")
+        _need(self.heldout_user_frac is None or 0.0 <= self.heldout_user_frac < 1.0, "DataConfig",
+              f"heldout_user_frac must be in [0, 1) or null, got {self.heldout_user_frac!r}")
 
 
 @dataclass(frozen=True)

@@ -94,7 +94,7 @@ def prepare_data(cfg: Config) -> Any:
 
     d = cfg.data
     kwargs: Dict[str, Any] = dict(seed=cfg.run.seed, embed_dim=d.embed_dim, progress=not cfg.run.quiet)
-    for name in ("min_items", "max_items", "cache_dir", "mf_epochs"):
+    for name in ("min_items", "max_items", "cache_dir", "mf_epochs", "heldout_user_frac"):
         if getattr(d, name) is not None:
             kwargs[name] = getattr(d, name)
     prepared = data.prepare(d.dataset, d.data_dir, **kwargs)
