@@ -25,8 +25,13 @@ $(VENV)/.deps-ok:
 venv: $(VENV)/.deps-ok
 
 # --no-build-isolation: build against the torch in .venv (an isolated build pulls a second one).
-install: venv
+# The stamp rebuilds the extension only when a source or build file changed (a build is minutes).
+BUILD_INPUTS := $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h' -o -name '*.cuh') setup.py pyproject.toml
+$(VENV)/.built: $(VENV)/.deps-ok $(BUILD_INPUTS)
 	$(PY) -m pip install --quiet --no-build-isolation --no-deps -e .
+	touch $@
+
+install: $(VENV)/.built
 	$(PY) -c "import s2meta_fast; print(s2meta_fast.backend())"
 
 demo: install
@@ -40,4 +45,4 @@ bench: install
 	S2META_REQUIRE_EXT=1 $(PY) -m pytest benchmarks -q --benchmark-columns=min,median,mean,rounds
 
 clean:
-	rm -rf build *.egg-info s2meta_fast/_C*.so s2meta_fast/_build_info.py
+	rm -rf build *.egg-info s2meta_fast/_C*.so s2meta_fast/_build_info.py $(VENV)/.built
