@@ -87,7 +87,10 @@ cuda_sources = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").rglob("*
 
 # -g0 and light headers keep a translation unit at seconds, not tens of seconds, on 2 cores.
 # The language standard is torch's choice: passing -std= breaks one torch or another.
-cxx_flags = ["-O3", "-g0", "-fvisibility=hidden"]
+# -fopenmp: at::parallel_for is an inline template whose OpenMP pragmas compile into *our* object
+# files; without it every CPU kernel silently runs on one thread. The runtime it links is the
+# libgomp.so.1 torch has already loaded.
+cxx_flags = ["-O3", "-g0", "-fvisibility=hidden", "-fopenmp"]
 nvcc_flags = ["-O3", "-Xcompiler=-g0", "-lineinfo", "--expt-relaxed-constexpr"]
 macros = [("S2META_WITH_CUDA", "1")] if with_cuda else []
 
@@ -105,6 +108,7 @@ extension = ext_cls(
     include_dirs=[str(ROOT / "csrc")],
     define_macros=macros,
     extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags} if with_cuda else {"cxx": cxx_flags},
+    extra_link_args=["-fopenmp"],
     py_limited_api=True,
 )
 
