@@ -21,16 +21,16 @@ cd /tmp  # import the installed package, not the source tree
 cd - >/dev/null
 
 # CUDA tests only (everything else already ran on the CPU in CI); -x stops at the first failure.
-timeout 180 "$PY" -m pytest python_tests -q -x -k "cuda or Cuda or CUDA or graph" -p no:cacheprovider \
+timeout 120 "$PY" -m pytest python_tests -q -x -k "cuda or Cuda or CUDA or graph" -p no:cacheprovider \
   2>&1 | tee "$OUT_DIR/tests.log" | tail -15
 
-timeout 180 "$PY" -m pytest benchmarks -q -k "cuda" -p no:cacheprovider \
+timeout 120 "$PY" -m pytest benchmarks -q -k "cuda" -p no:cacheprovider \
   --benchmark-columns=min,median,mean,rounds --benchmark-json="$OUT_DIR/bench.json" \
   2>&1 | tee "$OUT_DIR/bench.log" | tail -40
 
-if [ -f benchmarks/throughput.py ]; then
-  timeout 150 "$PY" benchmarks/throughput.py --device cuda 2>&1 | tee "$OUT_DIR/throughput.log"
-fi
+timeout 90 "$PY" benchmarks/throughput.py --device cuda --batches 1,8,64 --steps 10 2>&1 | tee "$OUT_DIR/throughput.log"
+timeout 45 "$PY" benchmarks/bench_eval.py --device cuda --blocks 1,8,64 2>&1 | tee "$OUT_DIR/eval.log"
+timeout 45 "$PY" benchmarks/cost_model.py --device cuda --steps 5 2>&1 | tee "$OUT_DIR/cost_model.log"
 
-"$PY" benchmarks/summarize.py "$OUT_DIR/bench.json" 2>/dev/null || true
+"$PY" benchmarks/summarize.py "$OUT_DIR/bench.json" || true
 echo "total: $(( $(date +%s) - start )) s"

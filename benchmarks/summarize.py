@@ -1,8 +1,9 @@
 """Prints fused-vs-reference ratios from a pytest-benchmark JSON file.
 
 Usage: python benchmarks/summarize.py bench.json
-Benchmarks in one pytest-benchmark group are compared with the group's member whose name
-contains "reference" (the pure-PyTorch path) — the ratio is reference median / this median.
+
+Benchmarks that differ only in their ``impl`` parameter (reference / compiled / fused / ...) form
+one case; each row shows its median and the reference's median divided by it.
 """
 from __future__ import annotations
 
@@ -11,19 +12,26 @@ import sys
 from collections import defaultdict
 
 
+def case_key(bench: dict) -> str:
+    params = {k: v for k, v in (bench.get("params") or {}).items() if k != "impl"}
+    base = bench["name"].split("[", 1)[0]
+    return base + "[" + "-".join(str(v) for v in params.values()) + "]"
+
+
 def main(path: str) -> None:
     with open(path) as handle:
         benchmarks = json.load(handle)["benchmarks"]
-    groups = defaultdict(list)
+    cases = defaultdict(list)
     for bench in benchmarks:
-        groups[bench.get("group") or bench["name"]].append(bench)
-    print(f"{'group':44s} {'benchmark':52s} {'median':>12s} {'vs ref':>8s}")
-    for group, members in sorted(groups.items()):
-        reference = next((b for b in members if "reference" in b["name"]), None)
+        cases[case_key(bench)].append(bench)
+    print(f"{'case':58s} {'impl':16s} {'median':>12s} {'vs reference':>13s}")
+    for case, members in sorted(cases.items()):
+        reference = next((b for b in members if (b.get("params") or {}).get("impl") == "reference"), None)
         for bench in sorted(members, key=lambda b: b["stats"]["median"]):
             median = bench["stats"]["median"]
-            ratio = f"{reference['stats']['median'] / median:7.1f}x" if reference else "      -"
-            print(f"{group[:44]:44s} {bench['name'][:52]:52s} {median * 1e6:10.1f}us {ratio}")
+            ratio = f"{reference['stats']['median'] / median:12.1f}x" if reference else "             -"
+            impl = str((bench.get("params") or {}).get("impl", "?"))
+            print(f"{case[:58]:58s} {impl:16s} {median * 1e6:10.1f}us {ratio}")
 
 
 if __name__ == "__main__":
