@@ -35,8 +35,7 @@ install: $(VENV)/.built
 	$(PY) -c "import s2meta_fast; print(s2meta_fast.backend())"
 
 demo: install
-	$(VENV)/bin/s2meta run $(DEMO_ARGS)
-	cat $(DEMO_OUT)/results.md
+	$(VENV)/bin/s2meta run $(DEMO_ARGS)   # prints the results table; files in $(DEMO_OUT)
 
 test: install
 	S2META_REQUIRE_EXT=1 $(PY) -m pytest python_tests -q
