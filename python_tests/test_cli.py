@@ -163,3 +163,10 @@ def test_plot_draws_figure_2_from_a_run(straight_run, tmp_path, capsys):
     assert "test recall@20" in capsys.readouterr().out
     assert cli.main(["plot", "--checkpoint", out, "--scenario", "no such tag", "--out", png]) == cli.EXIT_USAGE
     assert "meta-test scenarios:" in capsys.readouterr().err
+
+
+def test_cuda_device_without_a_gpu_is_a_usage_error(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert cli.main(["run", "--device", "cuda", "--out", str(tmp_path / "run")]) == cli.EXIT_USAGE
+    assert "no CUDA device is available" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()  # nothing was started

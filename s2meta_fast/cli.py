@@ -257,6 +257,13 @@ def _error_types() -> tuple:
             ValueError, KeyError)
 
 
+def _check_device(device: str) -> None:
+    import torch
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"--device {device}: no CUDA device is available here "
+                         f"(torch {torch.__version__}, CUDA build: {torch.version.cuda or 'no'}); use --device cpu")
+
+
 def _terminate_as_interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt
 
@@ -275,6 +282,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             cmd_plot(args)
             return 0
         cfg = resolve_config(args)
+        _check_device(cfg.run.device)
         _setup_logging(cfg.run.quiet)
         HANDLERS[args.command](cfg, args)
         return 0
