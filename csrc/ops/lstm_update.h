@@ -1,5 +1,5 @@
 // The coordinatewise-LSTM update (SPEC §3), pieces shared by the CPU and CUDA kernels:
-// argument checks (host) and the scalar activations (host + device).
+// argument checks and input/output preparation (host) and the scalar activations (host + device).
 //
 // Per coordinate, with controller k = the segment holding it:
 //   g  = clamp(grad, -clip, clip);  x = [pre(g), pre(theta), pre(loss)_0]    (Eq. 12, stop-grad)
@@ -10,11 +10,15 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/zeros_like.h>
 #include <c10/util/Exception.h>
 #include <c10/util/Optional.h>
 
 #include <cmath>
 #include <cstdint>
+#include <tuple>
 
 #include "common.h"
 #include "ops/grad_preprocess.h"
@@ -134,6 +138,70 @@ inline void check_output_grads(const char* op, const Dims& d, const at::Tensor& 
     }
   }
 }
+
+// The op's tensor inputs, each made contiguous once: both backends read them by raw pointer.
+// ln_w/ln_b are undefined when the call has no LayerNorm.
+struct Inputs {
+  at::Tensor theta, grad, loss, h, c, w_ih, w_hh, b_ih, b_hh, ln_w, ln_b, w_gate, b_gate;
+};
+
+inline at::Tensor optional_or_empty(const std::optional<at::Tensor>& t) {
+  return t.has_value() && t->defined() ? t->contiguous() : at::Tensor();
+}
+
+inline Inputs contiguous_inputs(const at::Tensor& theta, const at::Tensor& grad, const at::Tensor& loss,
+                                const at::Tensor& h, const at::Tensor& c, const at::Tensor& w_ih,
+                                const at::Tensor& w_hh, const at::Tensor& b_ih, const at::Tensor& b_hh,
+                                const std::optional<at::Tensor>& ln_weight, const std::optional<at::Tensor>& ln_bias,
+                                const at::Tensor& w_gate, const at::Tensor& b_gate) {
+  return {theta.contiguous(), grad.contiguous(), loss.contiguous(), h.contiguous(), c.contiguous(),
+          w_ih.contiguous(), w_hh.contiguous(), b_ih.contiguous(), b_hh.contiguous(),
+          optional_or_empty(ln_weight), optional_or_empty(ln_bias), w_gate.contiguous(), b_gate.contiguous()};
+}
+
+// The forward's results, allocated like the inputs they replace.
+struct Outputs {
+  at::Tensor theta_new, h_new, c_new, alpha, beta;
+
+  explicit Outputs(const Inputs& in)
+      : theta_new(at::empty_like(in.theta)), h_new(at::empty_like(in.h)), c_new(at::empty_like(in.c)),
+        alpha(at::empty_like(in.theta)), beta(at::empty_like(in.theta)) {}
+  std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> as_tuple() const {
+    return {theta_new, h_new, c_new, alpha, beta};
+  }
+};
+
+// The backward's incoming gradients, made contiguous.
+struct OutputGrads {
+  at::Tensor d_theta_new, d_h_new, d_c_new, d_alpha, d_beta;
+};
+
+inline OutputGrads contiguous_output_grads(const at::Tensor& d_theta_new, const at::Tensor& d_h_new,
+                                           const at::Tensor& d_c_new, const at::Tensor& d_alpha,
+                                           const at::Tensor& d_beta) {
+  return {d_theta_new.contiguous(), d_h_new.contiguous(), d_c_new.contiguous(), d_alpha.contiguous(),
+          d_beta.contiguous()};
+}
+
+using GradientTuple = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+                                 at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+// The backward's results. Weight gradients start at zero: a controller whose segment is empty
+// has no coordinate to write its sums. Without LayerNorm its gradients are empty [0] tensors.
+struct InputGrads {
+  at::Tensor d_theta, d_h, d_c, d_w_ih, d_w_hh, d_b_ih, d_b_hh, d_ln_w, d_ln_b, d_w_gate, d_b_gate;
+
+  InputGrads(const Dims& d, const Inputs& in)
+      : d_theta(at::empty_like(in.theta)), d_h(at::empty_like(in.h)), d_c(at::empty_like(in.c)),
+        d_w_ih(at::zeros_like(in.w_ih)), d_w_hh(at::zeros_like(in.w_hh)), d_b_ih(at::zeros_like(in.b_ih)),
+        d_b_hh(at::zeros_like(in.b_hh)),
+        d_ln_w(d.layer_norm ? at::zeros_like(in.ln_w) : at::empty({0}, in.theta.options())),
+        d_ln_b(d.layer_norm ? at::zeros_like(in.ln_b) : at::empty({0}, in.theta.options())),
+        d_w_gate(at::zeros_like(in.w_gate)), d_b_gate(at::zeros_like(in.b_gate)) {}
+  GradientTuple as_tuple() const {
+    return {d_theta, d_h, d_c, d_w_ih, d_w_hh, d_b_ih, d_b_hh, d_ln_w, d_ln_b, d_w_gate, d_b_gate};
+  }
+};
 
 }  // namespace lstm
 }  // namespace s2meta

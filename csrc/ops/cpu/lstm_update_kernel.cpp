@@ -66,16 +66,14 @@ struct PreparedWeights {
   const T* w_gate = nullptr;
   const T* b_gate = nullptr;
 
-  PreparedWeights(const Dims& d, const at::Tensor& w_ih, const at::Tensor& w_hh, const at::Tensor& b_ih,
-                  const at::Tensor& b_hh, const at::Tensor& ln_weight, const at::Tensor& ln_bias,
-                  const at::Tensor& w_gate_t, const at::Tensor& b_gate_t, bool transpose_hh) {
+  PreparedWeights(const Dims& d, const lstm::Inputs& in, bool transpose_hh) {
     const int64_t H = d.H, G = 4 * H, F = lstm::kFeatures + H;
     wcat.resize(d.K * G * F);
     bias.resize(d.K * G);
-    const T* wi = w_ih.const_data_ptr<T>();
-    const T* wh = w_hh.const_data_ptr<T>();
-    const T* bi = b_ih.const_data_ptr<T>();
-    const T* bh = b_hh.const_data_ptr<T>();
+    const T* wi = in.w_ih.const_data_ptr<T>();
+    const T* wh = in.w_hh.const_data_ptr<T>();
+    const T* bi = in.b_ih.const_data_ptr<T>();
+    const T* bh = in.b_hh.const_data_ptr<T>();
     for (int64_t k = 0; k < d.K; ++k) {
       for (int64_t r = 0; r < G; ++r) {
         T* row = wcat.data() + (k * G + r) * F;
@@ -103,11 +101,11 @@ struct PreparedWeights {
       }
     }
     if (d.layer_norm) {
-      ln_w = ln_weight.const_data_ptr<T>();
-      ln_b = ln_bias.const_data_ptr<T>();
+      ln_w = in.ln_w.const_data_ptr<T>();
+      ln_b = in.ln_b.const_data_ptr<T>();
     }
-    w_gate = w_gate_t.const_data_ptr<T>();
-    b_gate = b_gate_t.const_data_ptr<T>();
+    w_gate = in.w_gate.const_data_ptr<T>();
+    b_gate = in.b_gate.const_data_ptr<T>();
   }
 };
 
@@ -122,7 +120,8 @@ struct Ctx {
   const T* grad;
   const T* h;
   const T* c;
-  const T* loss_feature;  // [S], pre(loss)_0
+  const T* loss_feature;  // [S], pre(loss)_0, pointing into loss_feature_values
+  std::vector<T> loss_feature_values;
   T p, threshold, exp_p, clip, eps;
   // forward outputs
   T *theta_new = nullptr, *h_new = nullptr, *c_new = nullptr, *alpha_out = nullptr, *beta_out = nullptr;
@@ -596,31 +595,27 @@ std::vector<T> loss_features(const at::Tensor& loss, T p, T threshold, T exp_p) 
 
 template <typename T>
 void fill_common(Ctx<T>& ctx, const Dims& d, at::IntArrayRef offsets, const std::vector<Chunk>& chunks,
-                 const PreparedWeights<T>& w, const at::Tensor& theta, const at::Tensor& grad, const at::Tensor& h,
-                 const at::Tensor& c, const std::vector<T>& loss_feature, double p, double clip) {
+                 const PreparedWeights<T>& w, const lstm::Inputs& in, double p, double clip) {
   ctx.d = d;
   ctx.offsets = offsets.data();
   ctx.chunks = chunks.data();
   ctx.w = &w;
-  ctx.theta = theta.const_data_ptr<T>();
-  ctx.grad = grad.const_data_ptr<T>();
-  ctx.h = h.const_data_ptr<T>();
-  ctx.c = c.const_data_ptr<T>();
-  ctx.loss_feature = loss_feature.data();
+  ctx.theta = in.theta.const_data_ptr<T>();
+  ctx.grad = in.grad.const_data_ptr<T>();
+  ctx.h = in.h.const_data_ptr<T>();
+  ctx.c = in.c.const_data_ptr<T>();
   ctx.p = static_cast<T>(p);
   ctx.threshold = static_cast<T>(std::exp(-p));
   ctx.exp_p = static_cast<T>(std::exp(p));
+  ctx.loss_feature_values = loss_features<T>(in.loss, ctx.p, ctx.threshold, ctx.exp_p);
+  ctx.loss_feature = ctx.loss_feature_values.data();
   ctx.clip = static_cast<T>(clip);
   ctx.eps = static_cast<T>(lstm::kLayerNormEps);
 }
 
-at::Tensor optional_or_empty(const std::optional<at::Tensor>& t) {
-  return t.has_value() && t->defined() ? t->contiguous() : at::Tensor();
-}
+using OutputTuple = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
-using Outputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
-
-Outputs lstm_update_multi_cpu(const at::Tensor& theta_in, const at::Tensor& grad_in, const at::Tensor& loss_in,
+OutputTuple lstm_update_multi_cpu(const at::Tensor& theta_in, const at::Tensor& grad_in, const at::Tensor& loss_in,
                               const at::Tensor& h_in, const at::Tensor& c_in, at::IntArrayRef offsets,
                               const at::Tensor& w_ih_in, const at::Tensor& w_hh_in, const at::Tensor& b_ih_in,
                               const at::Tensor& b_hh_in, const std::optional<at::Tensor>& ln_weight,
@@ -628,38 +623,27 @@ Outputs lstm_update_multi_cpu(const at::Tensor& theta_in, const at::Tensor& grad
                               const at::Tensor& b_gate_in, double p, double clip) {
   const Dims d = lstm::check_multi_args("lstm_update_multi", theta_in, grad_in, loss_in, h_in, c_in, offsets, w_ih_in,
                                         w_hh_in, b_ih_in, b_hh_in, ln_weight, ln_bias, w_gate_in, b_gate_in, p, clip);
-  const at::Tensor theta = theta_in.contiguous(), grad = grad_in.contiguous(), loss = loss_in.contiguous();
-  const at::Tensor h = h_in.contiguous(), c = c_in.contiguous();
-  const at::Tensor w_ih = w_ih_in.contiguous(), w_hh = w_hh_in.contiguous();
-  const at::Tensor b_ih = b_ih_in.contiguous(), b_hh = b_hh_in.contiguous();
-  const at::Tensor ln_w = optional_or_empty(ln_weight), ln_b = optional_or_empty(ln_bias);
-  const at::Tensor w_gate = w_gate_in.contiguous(), b_gate = b_gate_in.contiguous();
-
-  at::Tensor theta_new = at::empty_like(theta), alpha = at::empty_like(theta), beta = at::empty_like(theta);
-  at::Tensor h_new = at::empty_like(h), c_new = at::empty_like(c);
-  if (theta.numel() == 0) return {theta_new, h_new, c_new, alpha, beta};
+  const lstm::Inputs in = lstm::contiguous_inputs(theta_in, grad_in, loss_in, h_in, c_in, w_ih_in, w_hh_in, b_ih_in,
+                                                  b_hh_in, ln_weight, ln_bias, w_gate_in, b_gate_in);
+  lstm::Outputs out(in);
+  if (in.theta.numel() == 0) return out.as_tuple();
   const std::vector<Chunk> chunks = make_chunks(d, offsets);
-  AT_DISPATCH_FLOATING_TYPES(theta.scalar_type(), "lstm_update_multi_cpu", [&] {
-    const PreparedWeights<scalar_t> w(d, w_ih, w_hh, b_ih, b_hh, ln_w, ln_b, w_gate, b_gate, false);
-    const std::vector<scalar_t> loss_feature =
-        loss_features<scalar_t>(loss, scalar_t(p), scalar_t(std::exp(-p)), scalar_t(std::exp(p)));
+  AT_DISPATCH_FLOATING_TYPES(in.theta.scalar_type(), "lstm_update_multi_cpu", [&] {
+    const PreparedWeights<scalar_t> w(d, in, false);
     Ctx<scalar_t> ctx;
-    fill_common(ctx, d, offsets, chunks, w, theta, grad, h, c, loss_feature, p, clip);
-    ctx.theta_new = theta_new.mutable_data_ptr<scalar_t>();
-    ctx.h_new = h_new.mutable_data_ptr<scalar_t>();
-    ctx.c_new = c_new.mutable_data_ptr<scalar_t>();
-    ctx.alpha_out = alpha.mutable_data_ptr<scalar_t>();
-    ctx.beta_out = beta.mutable_data_ptr<scalar_t>();
+    fill_common(ctx, d, offsets, chunks, w, in, p, clip);
+    ctx.theta_new = out.theta_new.mutable_data_ptr<scalar_t>();
+    ctx.h_new = out.h_new.mutable_data_ptr<scalar_t>();
+    ctx.c_new = out.c_new.mutable_data_ptr<scalar_t>();
+    ctx.alpha_out = out.alpha.mutable_data_ptr<scalar_t>();
+    ctx.beta_out = out.beta.mutable_data_ptr<scalar_t>();
     at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1,
                      [&](int64_t b, int64_t e) { forward_dispatch(ctx, b, e); });
   });
-  return {theta_new, h_new, c_new, alpha, beta};
+  return out.as_tuple();
 }
 
-using Gradients = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
-                             at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
-
-Gradients lstm_update_multi_backward_cpu(
+lstm::GradientTuple lstm_update_multi_backward_cpu(
     const at::Tensor& d_theta_new_in, const at::Tensor& d_h_new_in, const at::Tensor& d_c_new_in,
     const at::Tensor& d_alpha_in, const at::Tensor& d_beta_in, const at::Tensor& theta_in, const at::Tensor& grad_in,
     const at::Tensor& loss_in, const at::Tensor& h_in, const at::Tensor& c_in, at::IntArrayRef offsets,
@@ -670,47 +654,33 @@ Gradients lstm_update_multi_backward_cpu(
   const Dims d = lstm::check_multi_args(op, theta_in, grad_in, loss_in, h_in, c_in, offsets, w_ih_in, w_hh_in, b_ih_in,
                                         b_hh_in, ln_weight, ln_bias, w_gate_in, b_gate_in, p, clip);
   lstm::check_output_grads(op, d, theta_in, d_theta_new_in, d_h_new_in, d_c_new_in, d_alpha_in, d_beta_in);
-  const at::Tensor theta = theta_in.contiguous(), grad = grad_in.contiguous(), loss = loss_in.contiguous();
-  const at::Tensor h = h_in.contiguous(), c = c_in.contiguous();
-  const at::Tensor w_ih = w_ih_in.contiguous(), w_hh = w_hh_in.contiguous();
-  const at::Tensor b_ih = b_ih_in.contiguous(), b_hh = b_hh_in.contiguous();
-  const at::Tensor ln_w = optional_or_empty(ln_weight), ln_b = optional_or_empty(ln_bias);
-  const at::Tensor w_gate = w_gate_in.contiguous(), b_gate = b_gate_in.contiguous();
-  const at::Tensor d_theta_new = d_theta_new_in.contiguous(), d_h_new = d_h_new_in.contiguous();
-  const at::Tensor d_c_new = d_c_new_in.contiguous(), d_alpha = d_alpha_in.contiguous();
-  const at::Tensor d_beta = d_beta_in.contiguous();
+  const lstm::Inputs in = lstm::contiguous_inputs(theta_in, grad_in, loss_in, h_in, c_in, w_ih_in, w_hh_in, b_ih_in,
+                                                  b_hh_in, ln_weight, ln_bias, w_gate_in, b_gate_in);
+  const lstm::OutputGrads up =
+      lstm::contiguous_output_grads(d_theta_new_in, d_h_new_in, d_c_new_in, d_alpha_in, d_beta_in);
 
   const int64_t H = d.H, G = 4 * H, F = lstm::kFeatures + H;
   const int64_t FP = (F + 1 + 7) / 8 * 8;  // + the bias column, rounded to a vector multiple
   const int64_t P = G * FP + 4 * H + 2;     // dW | d ln_w | d ln_b | d w_gate | d b_gate
 
-  at::Tensor d_theta = at::empty_like(theta), d_h = at::empty_like(h), d_c = at::empty_like(c);
-  at::Tensor d_w_ih = at::zeros_like(w_ih), d_w_hh = at::zeros_like(w_hh);
-  at::Tensor d_b_ih = at::zeros_like(b_ih), d_b_hh = at::zeros_like(b_hh);
-  at::Tensor d_ln_w = d.layer_norm ? at::zeros_like(ln_w) : at::empty({0}, theta.options());
-  at::Tensor d_ln_b = d.layer_norm ? at::zeros_like(ln_b) : at::empty({0}, theta.options());
-  at::Tensor d_w_gate = at::zeros_like(w_gate), d_b_gate = at::zeros_like(b_gate);
-  if (theta.numel() == 0) {
-    return {d_theta, d_h, d_c, d_w_ih, d_w_hh, d_b_ih, d_b_hh, d_ln_w, d_ln_b, d_w_gate, d_b_gate};
-  }
+  lstm::InputGrads g(d, in);
+  if (in.theta.numel() == 0) return g.as_tuple();
   const std::vector<Chunk> chunks = make_chunks(d, offsets);
   const int64_t n_chunks = static_cast<int64_t>(chunks.size());
-  at::Tensor partials = at::empty({n_chunks, P}, theta.options());  // each chunk zeroes its own row
+  at::Tensor partials = at::empty({n_chunks, P}, in.theta.options());  // each chunk zeroes its own row
 
-  AT_DISPATCH_FLOATING_TYPES(theta.scalar_type(), "lstm_update_multi_backward_cpu", [&] {
-    const PreparedWeights<scalar_t> w(d, w_ih, w_hh, b_ih, b_hh, ln_w, ln_b, w_gate, b_gate, true);
-    const std::vector<scalar_t> loss_feature =
-        loss_features<scalar_t>(loss, scalar_t(p), scalar_t(std::exp(-p)), scalar_t(std::exp(p)));
+  AT_DISPATCH_FLOATING_TYPES(in.theta.scalar_type(), "lstm_update_multi_backward_cpu", [&] {
+    const PreparedWeights<scalar_t> w(d, in, true);
     Ctx<scalar_t> ctx;
-    fill_common(ctx, d, offsets, chunks, w, theta, grad, h, c, loss_feature, p, clip);
-    ctx.d_theta_new = d_theta_new.const_data_ptr<scalar_t>();
-    ctx.d_h_new = d_h_new.const_data_ptr<scalar_t>();
-    ctx.d_c_new = d_c_new.const_data_ptr<scalar_t>();
-    ctx.d_alpha = d_alpha.const_data_ptr<scalar_t>();
-    ctx.d_beta = d_beta.const_data_ptr<scalar_t>();
-    ctx.d_theta = d_theta.mutable_data_ptr<scalar_t>();
-    ctx.d_h = d_h.mutable_data_ptr<scalar_t>();
-    ctx.d_c = d_c.mutable_data_ptr<scalar_t>();
+    fill_common(ctx, d, offsets, chunks, w, in, p, clip);
+    ctx.d_theta_new = up.d_theta_new.const_data_ptr<scalar_t>();
+    ctx.d_h_new = up.d_h_new.const_data_ptr<scalar_t>();
+    ctx.d_c_new = up.d_c_new.const_data_ptr<scalar_t>();
+    ctx.d_alpha = up.d_alpha.const_data_ptr<scalar_t>();
+    ctx.d_beta = up.d_beta.const_data_ptr<scalar_t>();
+    ctx.d_theta = g.d_theta.mutable_data_ptr<scalar_t>();
+    ctx.d_h = g.d_h.mutable_data_ptr<scalar_t>();
+    ctx.d_c = g.d_c.mutable_data_ptr<scalar_t>();
     ctx.partials = partials.mutable_data_ptr<scalar_t>();
     ctx.partial_stride = P;
     ctx.padded_features = FP;
@@ -732,12 +702,12 @@ Gradients lstm_update_multi_backward_cpu(
       }
     }
 
-    scalar_t* gwi = d_w_ih.mutable_data_ptr<scalar_t>();
-    scalar_t* gwh = d_w_hh.mutable_data_ptr<scalar_t>();
-    scalar_t* gbi = d_b_ih.mutable_data_ptr<scalar_t>();
-    scalar_t* gbh = d_b_hh.mutable_data_ptr<scalar_t>();
-    scalar_t* gwg = d_w_gate.mutable_data_ptr<scalar_t>();
-    scalar_t* gbg = d_b_gate.mutable_data_ptr<scalar_t>();
+    scalar_t* gwi = g.d_w_ih.mutable_data_ptr<scalar_t>();
+    scalar_t* gwh = g.d_w_hh.mutable_data_ptr<scalar_t>();
+    scalar_t* gbi = g.d_b_ih.mutable_data_ptr<scalar_t>();
+    scalar_t* gbh = g.d_b_hh.mutable_data_ptr<scalar_t>();
+    scalar_t* gwg = g.d_w_gate.mutable_data_ptr<scalar_t>();
+    scalar_t* gbg = g.d_b_gate.mutable_data_ptr<scalar_t>();
     for (int64_t k = 0; k < d.K; ++k) {
       const scalar_t* tk = total.data() + k * P;
       for (int64_t r = 0; r < G; ++r) {
@@ -748,8 +718,8 @@ Gradients lstm_update_multi_backward_cpu(
       }
       const scalar_t* rest = tk + G * FP;
       if (d.layer_norm) {
-        scalar_t* glw = d_ln_w.mutable_data_ptr<scalar_t>();
-        scalar_t* glb = d_ln_b.mutable_data_ptr<scalar_t>();
+        scalar_t* glw = g.d_ln_w.mutable_data_ptr<scalar_t>();
+        scalar_t* glb = g.d_ln_b.mutable_data_ptr<scalar_t>();
         for (int64_t q = 0; q < H; ++q) {
           glw[k * H + q] = rest[q];
           glb[k * H + q] = rest[H + q];
@@ -760,7 +730,7 @@ Gradients lstm_update_multi_backward_cpu(
       gbg[2 * k + 1] = rest[4 * H + 1];
     }
   });
-  return {d_theta, d_h, d_c, d_w_ih, d_w_hh, d_b_ih, d_b_hh, d_ln_w, d_ln_b, d_w_gate, d_b_gate};
+  return g.as_tuple();
 }
 
 }  // namespace

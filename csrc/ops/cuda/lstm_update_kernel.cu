@@ -384,24 +384,21 @@ Segments make_segments(const Dims& d, at::IntArrayRef offsets, int threads, int 
 }
 
 template <typename T>
-void fill_inputs(Args<T>& a, const Dims& d, const at::Tensor& theta, const at::Tensor& grad, const at::Tensor& loss,
-                 const at::Tensor& h, const at::Tensor& c, const at::Tensor& w_ih, const at::Tensor& w_hh,
-                 const at::Tensor& b_ih, const at::Tensor& b_hh, const at::Tensor& ln_w, const at::Tensor& ln_b,
-                 const at::Tensor& w_gate, const at::Tensor& b_gate, double p, double clip) {
+void fill_inputs(Args<T>& a, const Dims& d, const lstm::Inputs& in, double p, double clip) {
   a = Args<T>{};
-  a.theta = theta.const_data_ptr<T>();
-  a.grad = grad.const_data_ptr<T>();
-  a.loss = loss.const_data_ptr<T>();
-  a.h = h.const_data_ptr<T>();
-  a.c = c.const_data_ptr<T>();
-  a.w_ih = w_ih.const_data_ptr<T>();
-  a.w_hh = w_hh.const_data_ptr<T>();
-  a.b_ih = b_ih.const_data_ptr<T>();
-  a.b_hh = b_hh.const_data_ptr<T>();
-  a.ln_w = d.layer_norm ? ln_w.const_data_ptr<T>() : nullptr;
-  a.ln_b = d.layer_norm ? ln_b.const_data_ptr<T>() : nullptr;
-  a.w_gate = w_gate.const_data_ptr<T>();
-  a.b_gate = b_gate.const_data_ptr<T>();
+  a.theta = in.theta.const_data_ptr<T>();
+  a.grad = in.grad.const_data_ptr<T>();
+  a.loss = in.loss.const_data_ptr<T>();
+  a.h = in.h.const_data_ptr<T>();
+  a.c = in.c.const_data_ptr<T>();
+  a.w_ih = in.w_ih.const_data_ptr<T>();
+  a.w_hh = in.w_hh.const_data_ptr<T>();
+  a.b_ih = in.b_ih.const_data_ptr<T>();
+  a.b_hh = in.b_hh.const_data_ptr<T>();
+  a.ln_w = d.layer_norm ? in.ln_w.const_data_ptr<T>() : nullptr;
+  a.ln_b = d.layer_norm ? in.ln_b.const_data_ptr<T>() : nullptr;
+  a.w_gate = in.w_gate.const_data_ptr<T>();
+  a.b_gate = in.b_gate.const_data_ptr<T>();
   a.S = d.S;
   a.N = d.N;
   a.H = static_cast<int>(d.H);
@@ -421,10 +418,6 @@ void allow_shared(Kernel kernel, size_t bytes) {
   }
 }
 
-at::Tensor optional_or_empty(const std::optional<at::Tensor>& t) {
-  return t.has_value() && t->defined() ? t->contiguous() : at::Tensor();
-}
-
 // Per-thread state lives in registers, sized at compile time; one instantiation keeps the
 // build short (the paper uses H = 16).
 constexpr int kMaxHiddenCuda = 16;
@@ -434,9 +427,9 @@ void check_hidden(const Dims& d) {
               kMaxHiddenCuda, ", got H = ", d.H, " (h.size(2))");
 }
 
-using Outputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+using OutputTuple = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
-Outputs lstm_update_multi_cuda(const at::Tensor& theta_in, const at::Tensor& grad_in, const at::Tensor& loss_in,
+OutputTuple lstm_update_multi_cuda(const at::Tensor& theta_in, const at::Tensor& grad_in, const at::Tensor& loss_in,
                                const at::Tensor& h_in, const at::Tensor& c_in, at::IntArrayRef offsets,
                                const at::Tensor& w_ih_in, const at::Tensor& w_hh_in, const at::Tensor& b_ih_in,
                                const at::Tensor& b_hh_in, const std::optional<at::Tensor>& ln_weight,
@@ -446,38 +439,30 @@ Outputs lstm_update_multi_cuda(const at::Tensor& theta_in, const at::Tensor& gra
                                         w_hh_in, b_ih_in, b_hh_in, ln_weight, ln_bias, w_gate_in, b_gate_in, p, clip);
   check_hidden(d);
   const c10::cuda::CUDAGuard guard(theta_in.device());
-  const at::Tensor theta = theta_in.contiguous(), grad = grad_in.contiguous(), loss = loss_in.contiguous();
-  const at::Tensor h = h_in.contiguous(), c = c_in.contiguous();
-  const at::Tensor w_ih = w_ih_in.contiguous(), w_hh = w_hh_in.contiguous();
-  const at::Tensor b_ih = b_ih_in.contiguous(), b_hh = b_hh_in.contiguous();
-  const at::Tensor ln_w = optional_or_empty(ln_weight), ln_b = optional_or_empty(ln_bias);
-  const at::Tensor w_gate = w_gate_in.contiguous(), b_gate = b_gate_in.contiguous();
-  at::Tensor theta_new = at::empty_like(theta), alpha = at::empty_like(theta), beta = at::empty_like(theta);
-  at::Tensor h_new = at::empty_like(h), c_new = at::empty_like(c);
-  if (theta.numel() == 0) return {theta_new, h_new, c_new, alpha, beta};
+  const lstm::Inputs in = lstm::contiguous_inputs(theta_in, grad_in, loss_in, h_in, c_in, w_ih_in, w_hh_in, b_ih_in,
+                                                  b_hh_in, ln_weight, ln_bias, w_gate_in, b_gate_in);
+  lstm::Outputs out(in);
+  if (in.theta.numel() == 0) return out.as_tuple();
 
   int blocks = 0;
   const Segments seg = make_segments(d, offsets, kForwardThreads, kMaxForwardBlocksPerSegment, &blocks);
   auto stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES(theta.scalar_type(), "lstm_update_multi_cuda", [&] {
+  AT_DISPATCH_FLOATING_TYPES(in.theta.scalar_type(), "lstm_update_multi_cuda", [&] {
     Args<scalar_t> a;
-    fill_inputs(a, d, theta, grad, loss, h, c, w_ih, w_hh, b_ih, b_hh, ln_w, ln_b, w_gate, b_gate, p, clip);
-    a.theta_new = theta_new.mutable_data_ptr<scalar_t>();
-    a.h_new = h_new.mutable_data_ptr<scalar_t>();
-    a.c_new = c_new.mutable_data_ptr<scalar_t>();
-    a.alpha = alpha.mutable_data_ptr<scalar_t>();
-    a.beta = beta.mutable_data_ptr<scalar_t>();
+    fill_inputs(a, d, in, p, clip);
+    a.theta_new = out.theta_new.mutable_data_ptr<scalar_t>();
+    a.h_new = out.h_new.mutable_data_ptr<scalar_t>();
+    a.c_new = out.c_new.mutable_data_ptr<scalar_t>();
+    a.alpha = out.alpha.mutable_data_ptr<scalar_t>();
+    a.beta = out.beta.mutable_data_ptr<scalar_t>();
     const size_t smem = sizeof(scalar_t) * controller_smem_elems<scalar_t>(a.H);
     lstm_forward_kernel<scalar_t, kMaxHiddenCuda><<<blocks, kForwardThreads, smem, stream>>>(a, seg);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  return {theta_new, h_new, c_new, alpha, beta};
+  return out.as_tuple();
 }
 
-using Gradients = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
-                             at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
-
-Gradients lstm_update_multi_backward_cuda(
+lstm::GradientTuple lstm_update_multi_backward_cuda(
     const at::Tensor& d_theta_new_in, const at::Tensor& d_h_new_in, const at::Tensor& d_c_new_in,
     const at::Tensor& d_alpha_in, const at::Tensor& d_beta_in, const at::Tensor& theta_in, const at::Tensor& grad_in,
     const at::Tensor& loss_in, const at::Tensor& h_in, const at::Tensor& c_in, at::IntArrayRef offsets,
@@ -490,54 +475,40 @@ Gradients lstm_update_multi_backward_cuda(
   lstm::check_output_grads(op, d, theta_in, d_theta_new_in, d_h_new_in, d_c_new_in, d_alpha_in, d_beta_in);
   check_hidden(d);
   const c10::cuda::CUDAGuard guard(theta_in.device());
-  const at::Tensor theta = theta_in.contiguous(), grad = grad_in.contiguous(), loss = loss_in.contiguous();
-  const at::Tensor h = h_in.contiguous(), c = c_in.contiguous();
-  const at::Tensor w_ih = w_ih_in.contiguous(), w_hh = w_hh_in.contiguous();
-  const at::Tensor b_ih = b_ih_in.contiguous(), b_hh = b_hh_in.contiguous();
-  const at::Tensor ln_w = optional_or_empty(ln_weight), ln_b = optional_or_empty(ln_bias);
-  const at::Tensor w_gate = w_gate_in.contiguous(), b_gate = b_gate_in.contiguous();
-  const at::Tensor d_theta_new = d_theta_new_in.contiguous(), d_h_new = d_h_new_in.contiguous();
-  const at::Tensor d_c_new = d_c_new_in.contiguous(), d_alpha = d_alpha_in.contiguous();
-  const at::Tensor d_beta = d_beta_in.contiguous();
-
-  at::Tensor d_theta = at::empty_like(theta), d_h = at::empty_like(h), d_c = at::empty_like(c);
-  // Zero-filled: a controller whose segment is empty has no block to write its gradients.
-  at::Tensor d_w_ih = at::zeros_like(w_ih), d_w_hh = at::zeros_like(w_hh);
-  at::Tensor d_b_ih = at::zeros_like(b_ih), d_b_hh = at::zeros_like(b_hh);
-  at::Tensor d_ln_w = d.layer_norm ? at::zeros_like(ln_w) : at::empty({0}, theta.options());
-  at::Tensor d_ln_b = d.layer_norm ? at::zeros_like(ln_b) : at::empty({0}, theta.options());
-  at::Tensor d_w_gate = at::zeros_like(w_gate), d_b_gate = at::zeros_like(b_gate);
-  if (theta.numel() == 0) {
-    return {d_theta, d_h, d_c, d_w_ih, d_w_hh, d_b_ih, d_b_hh, d_ln_w, d_ln_b, d_w_gate, d_b_gate};
-  }
+  const lstm::Inputs in = lstm::contiguous_inputs(theta_in, grad_in, loss_in, h_in, c_in, w_ih_in, w_hh_in, b_ih_in,
+                                                  b_hh_in, ln_weight, ln_bias, w_gate_in, b_gate_in);
+  const lstm::OutputGrads up =
+      lstm::contiguous_output_grads(d_theta_new_in, d_h_new_in, d_c_new_in, d_alpha_in, d_beta_in);
+  lstm::InputGrads g(d, in);
+  if (in.theta.numel() == 0) return g.as_tuple();
 
   int blocks = 0;
   const Segments seg = make_segments(d, offsets, kBackwardThreads, kMaxBackwardBlocksPerSegment, &blocks);
   const int64_t H = d.H, G = 4 * H, F1 = kFeatures + H + 1;
   const int64_t P = G * F1 + 4 * H + 2;
-  at::Tensor partials = at::empty({blocks, P}, theta.options());
+  at::Tensor partials = at::empty({blocks, P}, in.theta.options());
   auto stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES(theta.scalar_type(), "lstm_update_multi_backward_cuda", [&] {
+  AT_DISPATCH_FLOATING_TYPES(in.theta.scalar_type(), "lstm_update_multi_backward_cuda", [&] {
     Args<scalar_t> a;
-    fill_inputs(a, d, theta, grad, loss, h, c, w_ih, w_hh, b_ih, b_hh, ln_w, ln_b, w_gate, b_gate, p, clip);
-    a.d_theta_new = d_theta_new.const_data_ptr<scalar_t>();
-    a.d_h_new = d_h_new.const_data_ptr<scalar_t>();
-    a.d_c_new = d_c_new.const_data_ptr<scalar_t>();
-    a.d_alpha = d_alpha.const_data_ptr<scalar_t>();
-    a.d_beta = d_beta.const_data_ptr<scalar_t>();
-    a.d_theta = d_theta.mutable_data_ptr<scalar_t>();
-    a.d_h = d_h.mutable_data_ptr<scalar_t>();
-    a.d_c = d_c.mutable_data_ptr<scalar_t>();
+    fill_inputs(a, d, in, p, clip);
+    a.d_theta_new = up.d_theta_new.const_data_ptr<scalar_t>();
+    a.d_h_new = up.d_h_new.const_data_ptr<scalar_t>();
+    a.d_c_new = up.d_c_new.const_data_ptr<scalar_t>();
+    a.d_alpha = up.d_alpha.const_data_ptr<scalar_t>();
+    a.d_beta = up.d_beta.const_data_ptr<scalar_t>();
+    a.d_theta = g.d_theta.mutable_data_ptr<scalar_t>();
+    a.d_h = g.d_h.mutable_data_ptr<scalar_t>();
+    a.d_c = g.d_c.mutable_data_ptr<scalar_t>();
     a.partials = partials.mutable_data_ptr<scalar_t>();
     a.P = P;
-    a.g_w_ih = d_w_ih.mutable_data_ptr<scalar_t>();
-    a.g_w_hh = d_w_hh.mutable_data_ptr<scalar_t>();
-    a.g_b_ih = d_b_ih.mutable_data_ptr<scalar_t>();
-    a.g_b_hh = d_b_hh.mutable_data_ptr<scalar_t>();
-    a.g_ln_w = d.layer_norm ? d_ln_w.mutable_data_ptr<scalar_t>() : nullptr;
-    a.g_ln_b = d.layer_norm ? d_ln_b.mutable_data_ptr<scalar_t>() : nullptr;
-    a.g_w_gate = d_w_gate.mutable_data_ptr<scalar_t>();
-    a.g_b_gate = d_b_gate.mutable_data_ptr<scalar_t>();
+    a.g_w_ih = g.d_w_ih.mutable_data_ptr<scalar_t>();
+    a.g_w_hh = g.d_w_hh.mutable_data_ptr<scalar_t>();
+    a.g_b_ih = g.d_b_ih.mutable_data_ptr<scalar_t>();
+    a.g_b_hh = g.d_b_hh.mutable_data_ptr<scalar_t>();
+    a.g_ln_w = d.layer_norm ? g.d_ln_w.mutable_data_ptr<scalar_t>() : nullptr;
+    a.g_ln_b = d.layer_norm ? g.d_ln_b.mutable_data_ptr<scalar_t>() : nullptr;
+    a.g_w_gate = g.d_w_gate.mutable_data_ptr<scalar_t>();
+    a.g_b_gate = g.d_b_gate.mutable_data_ptr<scalar_t>();
     const size_t smem =
         sizeof(scalar_t) * (controller_smem_elems<scalar_t>(a.H) + size_t(kBackwardThreads) * stash_elems(a.H));
     allow_shared(lstm_backward_kernel<scalar_t, kMaxHiddenCuda>, smem);
@@ -549,7 +520,7 @@ Gradients lstm_update_multi_backward_cuda(
     lstm_reduce_kernel<scalar_t><<<reduce_blocks, reduce_threads, 0, stream>>>(a, seg);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  return {d_theta, d_h, d_c, d_w_ih, d_w_hh, d_b_ih, d_b_hh, d_ln_w, d_ln_b, d_w_gate, d_b_gate};
+  return g.as_tuple();
 }
 
 }  // namespace
