@@ -10,6 +10,9 @@
 
 #include <ATen/core/Tensor.h>
 
+#include <initializer_list>
+#include <vector>
+
 #include "ops/mlp_args.h"
 
 #if defined(__CUDACC__)
@@ -70,6 +73,19 @@ inline void check_hinge_grads(const char* op, const HingeInputs& in, const at::T
               in.mlp.scenarios, " x ", in.batch, "), got shape ", d_pos.sizes());
   TORCH_CHECK(d_neg.numel() == in.mlp.scenarios * in.batch, op, ": d_neg_score must have shape of neg_score (",
               in.mlp.scenarios, " x ", in.batch, "), got shape ", d_neg.sizes());
+}
+
+// An unbatched call (2-D embeddings) runs as S = 1; its outputs drop that dim again.
+inline void drop_scenario_dim(bool batched, std::initializer_list<at::Tensor*> tensors) {
+  if (batched) return;
+  for (at::Tensor* t : tensors) {
+    if (t->defined() && t->dim() > 0) *t = t->squeeze(0);
+  }
+}
+
+inline void drop_scenario_dim(bool batched, std::vector<at::Tensor>& tensors) {
+  if (batched) return;
+  for (at::Tensor& t : tensors) t = t.squeeze(0);
 }
 
 }  // namespace s2meta

@@ -287,7 +287,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> hinge_score_cpu(const at::Tensor&
       l[s] = sum / static_cast<T>(std::max<int64_t>(N, 1));
     }
   });
-  if (!in.mlp.batched) return {loss.squeeze(0), pos_score.squeeze(0), neg_score.squeeze(0)};
+  drop_scenario_dim(in.mlp.batched, {&loss, &pos_score, &neg_score});
   return {loss, pos_score, neg_score};
 }
 
@@ -387,15 +387,9 @@ Grads backward_impl(const HingeInputs& in, const at::Tensor& user_emb, const at:
       }
     });
   });
-  if (!mlp.batched) {
-    for (auto& t : d_weights) t = t.squeeze(0);
-    for (auto& t : d_biases) t = t.squeeze(0);
-    if (emb_grad) {
-      d_user = d_user.squeeze(0);
-      d_pos = d_pos.squeeze(0);
-      d_neg = d_neg.squeeze(0);
-    }
-  }
+  drop_scenario_dim(mlp.batched, d_weights);
+  drop_scenario_dim(mlp.batched, d_biases);
+  if (emb_grad) drop_scenario_dim(mlp.batched, {&d_user, &d_pos, &d_neg});
   return {d_weights, d_biases, d_user, d_pos, d_neg};
 }
 
@@ -434,11 +428,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>, std::vec
       l[s] = sum / static_cast<T>(std::max<int64_t>(N, 1));
     }
   });
-  if (!in.mlp.batched) {
-    loss = loss.squeeze(0);
-    pos_score = pos_score.squeeze(0);
-    neg_score = neg_score.squeeze(0);
-  }
+  drop_scenario_dim(in.mlp.batched, {&loss, &pos_score, &neg_score});
   return {loss, pos_score, neg_score, std::get<0>(grads), std::get<1>(grads)};
 }
 

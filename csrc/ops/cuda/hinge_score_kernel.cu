@@ -307,7 +307,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> hinge_score_cuda(const at::Tensor
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   }
-  if (!in.mlp.batched) return {loss.squeeze(0), pos_score.squeeze(0), neg_score.squeeze(0)};
+  drop_scenario_dim(in.mlp.batched, {&loss, &pos_score, &neg_score});
   return {loss, pos_score, neg_score};
 }
 
@@ -385,15 +385,9 @@ Grads backward_impl(const HingeInputs& in, const at::Tensor& user_emb, const at:
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   }
-  if (!mlp.batched) {
-    for (auto& t : d_weights) t = t.squeeze(0);
-    for (auto& t : d_biases) t = t.squeeze(0);
-    if (emb_grad) {
-      d_user = d_user.squeeze(0);
-      d_pos = d_pos.squeeze(0);
-      d_neg = d_neg.squeeze(0);
-    }
-  }
+  drop_scenario_dim(mlp.batched, d_weights);
+  drop_scenario_dim(mlp.batched, d_biases);
+  if (emb_grad) drop_scenario_dim(mlp.batched, {&d_user, &d_pos, &d_neg});
   return {d_weights, d_biases, d_user, d_pos, d_neg};
 }
 
@@ -428,11 +422,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>, std::vec
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   }
-  if (!in.mlp.batched) {
-    loss = loss.squeeze(0);
-    pos_score = pos_score.squeeze(0);
-    neg_score = neg_score.squeeze(0);
-  }
+  drop_scenario_dim(in.mlp.batched, {&loss, &pos_score, &neg_score});
   return {loss, pos_score, neg_score, std::get<0>(grads), std::get<1>(grads)};
 }
 
