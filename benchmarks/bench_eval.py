@@ -23,25 +23,15 @@ import json
 import sys
 import time
 import warnings
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from s2meta_fast.data.tasks import EvalTask
+
 N_USERS, N_ITEMS, DIM, POOL, USERS, POSITIVES, SUPPORT = 6000, 4000, 64, 300, 300, 10, 64
 
 
-@dataclass
-class Task:  # the EvalTask fields the protocol and support_batch read
-    name: str
-    support_users: np.ndarray
-    support_items: np.ndarray
-    items: np.ndarray
-    eval_users: np.ndarray
-    eval_indptr: np.ndarray
-    eval_items: np.ndarray
-    support_item_index: np.ndarray = None
-    eval_item_index: np.ndarray = None
 
 
 def make_tasks(n: int, seed: int = 0) -> list:
@@ -52,7 +42,7 @@ def make_tasks(n: int, seed: int = 0) -> list:
         users = np.sort(rng.choice(N_USERS, USERS, replace=False))
         positives = np.concatenate([np.sort(rng.choice(items, POSITIVES, replace=False)) for _ in users])
         index = rng.integers(0, POOL, SUPPORT)
-        tasks.append(Task(f"s{s:05d}", rng.choice(users, SUPPORT), items[index], items, users,
+        tasks.append(EvalTask(f"s{s:05d}", rng.choice(users, SUPPORT), items[index], items, users,
                           np.arange(0, USERS * POSITIVES + 1, POSITIVES), positives, index))
     return tasks
 

@@ -1,32 +1,24 @@
 """The protocol and the baselines on toy tasks whose rankings are known by hand."""
+
 from dataclasses import dataclass
 
 import numpy as np
 import pytest
 import torch
 
+from s2meta_fast.data.tasks import EvalTask
 from s2meta_fast.eval import (Finetune, GlobalModel, GlobalTrainConfig, ItemPop, evaluate, make_block,
                               markdown_table, build_results, select_finetune, train_global, FinetuneGrid)
 from s2meta_fast.models import build_model
 
 
-@dataclass
-class Task:  # the EvalTask contract of s2meta_fast.data
-    name: str
-    support_users: np.ndarray
-    support_items: np.ndarray
-    items: np.ndarray
-    eval_users: np.ndarray
-    eval_indptr: np.ndarray
-    eval_items: np.ndarray
-    support_item_index: np.ndarray = None
 
 
 def _task(name, support_items, items, positives):
     support_items = np.asarray(support_items)
     users = np.arange(len(positives)) + 100
     indptr = np.concatenate([[0], np.cumsum([len(p) for p in positives])])
-    return Task(name, np.zeros(len(support_items), np.int64), support_items, np.asarray(items),
+    return EvalTask(name, np.zeros(len(support_items), np.int64), support_items, np.asarray(items),
                 users, indptr, np.concatenate([np.asarray(p) for p in positives]))
 
 
@@ -95,7 +87,7 @@ def _planted(seed=0, d=8, n_users=40, n_items=60):
         scen_items = items[top.reshape(-1)]
         scenarios.append(_Scenario(f"s{s}", users, scen_items))
         positives = [items[top[u]] for u in range(n_users)]
-        tasks.append(Task(f"s{s}", users[:64], scen_items[:64], items, np.arange(n_users),
+        tasks.append(EvalTask(f"s{s}", users[:64], scen_items[:64], items, np.arange(n_users),
                           np.arange(0, 3 * n_users + 1, 3), np.concatenate(positives)))
     return _Prepared(scenarios, user_emb, item_emb), tasks
 
