@@ -18,7 +18,7 @@ import typing
 from typing import Any, Dict, List, Optional, Sequence
 
 from . import config as config_mod
-from .config import CHOICES, OPTIONS, SECTIONS, Config, ConfigError, load_config, section_fields
+from .config import CHOICES, OPTIONS, Config, ConfigError, section_fields
 
 log = logging.getLogger("s2meta_fast")
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import csv
 import os
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Dict, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -31,6 +31,16 @@ def require_file(path: str, columns: Sequence[str], note: str = "") -> str:
         extra = f" {note}" if note else ""
         raise DataFileError(f"missing file {path!r}: it must have the columns {', '.join(columns)}{extra}")
     return path
+
+
+def require_files(data_dir: str | os.PathLike | None, dataset: str,
+                  files: Mapping[str, Sequence[str]]) -> Dict[str, str]:
+    """Paths of a dataset's raw files, by name; an error names every file and its columns."""
+    if data_dir is None:
+        listing = "; ".join(f"{f} ({', '.join(c)})" for f, c in files.items())
+        raise DataFileError(f"{dataset} needs data_dir= a folder holding {listing}")
+    folder = require_dir(data_dir, dataset, files)
+    return {name: require_file(os.path.join(folder, name), columns) for name, columns in files.items()}
 
 
 def _is_int_dtype(dt) -> bool:

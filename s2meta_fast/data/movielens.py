@@ -9,7 +9,7 @@ import os
 import numpy as np
 import pandas as pd
 
-from ._io import read_table, require_dir, require_file
+from ._io import read_table, require_dir, require_files
 from .errors import DataFileError
 from .scenarios import RawData
 
@@ -120,13 +120,7 @@ ML20M_FILES = {
 
 def load_ml20m(data_dir: str, *, relevance: float = 0.8, **_unused) -> RawData:
     """Genome tags with relevance > ``relevance`` as scenarios, untagged movies as source domain."""
-    if data_dir is None:
-        raise DataFileError("ml20m needs data_dir= a MovieLens-20M folder holding "
-                            + ", ".join(f"{f} ({', '.join(c)})" for f, c in ML20M_FILES.items()))
-    folder = require_dir(data_dir, "ml20m", ML20M_FILES)
-    path = {f: os.path.join(folder, f) for f in ML20M_FILES}
-    for f, cols in ML20M_FILES.items():
-        require_file(path[f], cols)
+    path = require_files(data_dir, "ml20m", ML20M_FILES)
     movies = read_table(path["movies.csv"], ["movieId", "title", "genres"],
                         {"movieId": np.int64, "title": str, "genres": str})
     tags_df = read_table(path["genome-tags.csv"], ["tagId", "tag"], {"tagId": np.int64, "tag": str})

@@ -8,8 +8,8 @@ import warnings
 import numpy as np
 import pandas as pd
 
-from ._io import read_table, require_dir, require_file
-from .errors import DataFileError, DataFormatError
+from ._io import read_table, require_file, require_files
+from .errors import DataFormatError
 from .scenarios import RawData
 
 log = logging.getLogger(__name__)
@@ -83,13 +83,7 @@ def _first_unparsable(emb: pd.Series) -> int:
 
 def load_taobao(data_dir: str, **_unused) -> RawData:
     """Every click is a positive of its theme; clicks on items outside the theme's pool are dropped."""
-    if data_dir is None:
-        raise DataFileError("taobao needs data_dir= a Cloud Theme folder holding "
-                            + "; ".join(f"{f} ({', '.join(c)})" for f, c in FILES.items()))
-    folder = require_dir(data_dir, "taobao", FILES)
-    p = {f: os.path.join(folder, f) for f in FILES}
-    for f, cols in FILES.items():
-        require_file(p[f], cols)
+    p = require_files(data_dir, "taobao", FILES)
     clicks = read_table(p["theme_click_log.csv"], ["user_id", "theme_id", "item_id"],
                         {"user_id": np.int64, "theme_id": np.int64, "item_id": np.int64}, strict_fields=True)
     pool = read_table(p["theme_item_pool.csv"], ["theme_id", "item_id"], {"theme_id": np.int64, "item_id": np.int64},

@@ -14,7 +14,6 @@ stage (and meta-training from its last checkpoint).
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os

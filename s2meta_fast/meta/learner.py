@@ -6,6 +6,8 @@ its full length with no host synchronisation: stopping is a mask, not a ``break`
 """
 from __future__ import annotations
 
+import functools
+
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
@@ -156,9 +158,8 @@ class MetaLearner(nn.Module):
         """The random draws `adapt` would make for `batch` (see :class:`InnerNoise`)."""
         n_scenarios, n_support = batch.support_users.shape
         init = None
-        if self.config.init == "random":
-            def init(gen):
-                return self.model.init_theta(gen, dtype=self.user_emb.dtype, device=self.user_emb.device)
+        if self.config.init == "random":  # RandInit: a fresh θ⁽⁰⁾ per scenario, drawn with the rest
+            init = functools.partial(self.model.init_theta, dtype=self.user_emb.dtype, device=self.user_emb.device)
         return InnerNoise.draw(self.config.loop_length(stop), n_scenarios, n_support, generator=generator,
                                device=self.user_emb.device, dtype=self.user_emb.dtype, init_theta=init)
 
