@@ -26,6 +26,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from throughput import MetaStep, make_batch, make_learner  # noqa: E402
 
+from s2meta_fast.meta.host import training_host  # noqa: E402
+
 HIDDEN = 16
 FLOP_PER_COORD_STEP = 4 * 2 * (4 * HIDDEN * (5 + HIDDEN) + 2 * HIDDEN)  # forward + ~3x backward
 
@@ -34,16 +36,17 @@ def time_step(batch_size: int, dim: int, t_max: int, device: str, steps: int) ->
     learner = make_learner(True, device, t_max=t_max, dim=dim)
     step = MetaStep(learner, graphs=device == "cuda")
     batch = make_batch(batch_size, 0).to(device)
-    step(batch)
-    step(batch)
-    if device == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(steps):
+    with training_host(torch.device(device)):  # what MetaTrainer.fit runs its loop under
         step(batch)
-    if device == "cuda":
-        torch.cuda.synchronize()
-    return (time.perf_counter() - start) / steps, learner.model.n_params
+        step(batch)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(steps):
+            step(batch)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return (time.perf_counter() - start) / steps, learner.model.n_params
 
 
 def main() -> None:

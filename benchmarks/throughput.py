@@ -106,6 +106,7 @@ def run_one(path: str, batch_size: int, device: str, steps: int, warmup: int, th
     """Times one configuration in this process; returns a JSON-able record."""
     warnings.simplefilter("ignore", RuntimeWarning)  # the reference-fallback warning; we report the backend
     import s2meta_fast
+    from s2meta_fast.meta.host import training_host
 
     if threads:
         torch.set_num_threads(threads)
@@ -120,14 +121,15 @@ def run_one(path: str, batch_size: int, device: str, steps: int, warmup: int, th
         base = torch.cuda.memory_allocated()
     else:
         base = _rss_bytes()
-    for k in range(warmup):
-        step(batches[k % 2])
-    start = time.perf_counter()
-    for k in range(steps):
-        terms = step(batches[k % 2])
-    if device == "cuda":
-        torch.cuda.synchronize()
-    elapsed = time.perf_counter() - start
+    with training_host(torch.device(device)):  # what MetaTrainer.fit runs its loop under
+        for k in range(warmup):
+            step(batches[k % 2])
+        start = time.perf_counter()
+        for k in range(steps):
+            terms = step(batches[k % 2])
+        if device == "cuda":
+            torch.cuda.synchronize()
+        elapsed = time.perf_counter() - start
     mean_steps = float(terms.steps.float().mean())
     if device == "cuda":
         peak = torch.cuda.max_memory_allocated() - base

@@ -126,6 +126,17 @@ class TestLstmUpdateMulti:
             torch.library.opcheck(torch.ops.s2meta.lstm_update_multi_backward.default,
                                   tuple(torch.randn_like(o) for o in out) + tuple(plain.values()))
 
+    def test_many_chunks(self):
+        """Several 64-block chunks per controller: per-chunk partial sums, summed in chunk order."""
+        case = dict(S=2, sizes=[2100, 3, 40], seed=5)
+        (out_k, grads_k), (out_r, grads_r) = _run_both(make_multi_args(dtype=torch.float64, **case))
+        _assert_same(out_k, out_r, torch.float64, OUTPUTS)
+        _assert_same(grads_k, grads_r, torch.float64, DIFFERENTIABLE)
+        # fp32 against the fp64 truth: a weight gradient sums ~4,000 terms, hence the wider bound
+        (_, grads_32), _ = _run_both(make_multi_args(dtype=torch.float32, **case))
+        for name, got, want in zip(DIFFERENTIABLE, grads_32, grads_r):
+            torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4, msg=lambda m: f"{name}: {m}")
+
     def test_deterministic_across_threads(self):
         args = make_multi_args(S=2, sizes=[3000, 64, 700], dtype=torch.float32, seed=11)
         previous = torch.get_num_threads()

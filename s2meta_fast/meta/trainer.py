@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 
 from . import checkpoint
 from .graphs import GraphedInnerLoop
+from .host import training_host
 from .learner import MetaLearner
 
 log = logging.getLogger(__name__)
@@ -205,28 +206,33 @@ class MetaTrainer:
         params = [p for p in self.learner.parameters() if p.requires_grad]
         bar = tqdm(total=meta_steps, initial=self.step, disable=cfg.quiet, desc="meta-train", unit="step")
         try:
-            while self.step < meta_steps:
-                batch = self.sampler.train_batch(self.train_scenarios, cfg.meta_batch).to(self.device)
-                noise = self.learner.draw_noise(batch, self.generator)
-                terms = self.step_fn(batch, noise)
-                if self._finite(terms.total, params):
-                    self.nonfinite_streak = 0
-                    torch.nn.utils.clip_grad_value_(params, cfg.grad_clip)
-                    self.optimizer.step()
-                    running["loss"] += float(terms.total)
-                    running["query"] += float(terms.query_loss.mean())
-                    running["reinforce"] += float(terms.reinforce.mean())
-                    running["steps"] += float(terms.steps.float().mean())
-                    running["n"] += 1
-                else:
-                    self._skip_nonfinite(terms, params)
-                self.step += 1
-                bar.update(1)
-                self._periodic(running)
+            with training_host(self.device):
+                self._train_until(meta_steps, running, params, bar)
         finally:
             bar.close()
         self.save()
         return {"step": self.step, "best_score": self.best_score, "history": self.history}
+
+    def _train_until(self, meta_steps: int, running: Dict[str, float], params, bar) -> None:
+        cfg = self.cfg
+        while self.step < meta_steps:
+            batch = self.sampler.train_batch(self.train_scenarios, cfg.meta_batch).to(self.device)
+            noise = self.learner.draw_noise(batch, self.generator)
+            terms = self.step_fn(batch, noise)
+            if self._finite(terms.total, params):
+                self.nonfinite_streak = 0
+                torch.nn.utils.clip_grad_value_(params, cfg.grad_clip)
+                self.optimizer.step()
+                running["loss"] += float(terms.total)
+                running["query"] += float(terms.query_loss.mean())
+                running["reinforce"] += float(terms.reinforce.mean())
+                running["steps"] += float(terms.steps.float().mean())
+                running["n"] += 1
+            else:
+                self._skip_nonfinite(terms, params)
+            self.step += 1
+            bar.update(1)
+            self._periodic(running)
 
     def _finite(self, total: torch.Tensor, params) -> bool:
         checks = [torch.isfinite(total).all()]

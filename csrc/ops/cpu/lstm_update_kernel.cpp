@@ -21,6 +21,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #include "common.h"
@@ -53,6 +54,22 @@ std::vector<Chunk> make_chunks(const Dims& d, at::IntArrayRef offsets) {
     for (int64_t t = 0; t < total; t += kChunkBlocks) chunks.push_back({k, t, std::min(total, t + kChunkBlocks), per_row});
   }
   return chunks;
+}
+
+// Runs fn(chunk_begin, chunk_end) over the chunks in parallel with the threads' shares balanced by
+// blocks, not by chunk count: the small tensors' chunks are short, and an even split of the chunk
+// list left one of two threads idle ~10% of the time. A thread takes the chunks that start in its
+// range of blocks; each chunk still has its own partial sums, so results do not depend on threads.
+template <typename Fn>
+void parallel_over_chunks(const std::vector<Chunk>& chunks, const Fn& fn) {
+  std::vector<int64_t> first_block(chunks.size() + 1, 0);
+  for (size_t ci = 0; ci < chunks.size(); ++ci)
+    first_block[ci + 1] = first_block[ci] + (chunks[ci].t_end - chunks[ci].t_begin);
+  at::parallel_for(0, first_block.back(), kChunkBlocks, [&](int64_t begin, int64_t end) {
+    const auto lo = std::lower_bound(first_block.begin(), first_block.end() - 1, begin);
+    const auto hi = std::lower_bound(first_block.begin(), first_block.end() - 1, end);
+    if (lo < hi) fn(lo - first_block.begin(), hi - first_block.begin());
+  });
 }
 
 // Controller weights rearranged once per call: [W_ih | W_hh] as one [4H, 5+H] matrix, the two
@@ -138,18 +155,23 @@ template <typename T>
 struct Scratch {
   std::vector<T> storage;
   T *in, *in_t, *act, *c_prev, *c_new, *tanh_c, *xhat, *h_new, *dz, *dh_tot, *dh_out, *dc_out;
+  // Per-lane sums of the small weight gradients (d ln_w, d ln_b, d w_gate, d b_gate: 4H + 2 rows,
+  // the layout of a partial's tail) over a chunk: summed across lanes once per chunk instead of
+  // once per block, which were 4H + 2 horizontal reductions per 16 coordinates.
+  T* lane_sums;
   T th[kBlock], g[kBlock], alpha[kBlock], beta[kBlock], rstd[kBlock];
 
   Scratch(int64_t H, int64_t padded_features) {
     const int64_t F = lstm::kFeatures + H, G = 4 * H;
     const int64_t sizes[] = {F * kBlock, padded_features * kBlock, G * kBlock, H * kBlock, H * kBlock, H * kBlock,
-                             H * kBlock, H * kBlock, G * kBlock, H * kBlock, H * kBlock, H * kBlock};
+                             H * kBlock, H * kBlock, G * kBlock, H * kBlock, H * kBlock, H * kBlock,
+                             (4 * H + 2) * kBlock};
     int64_t total = 0;
     for (int64_t s : sizes) total += s;
     storage.assign(total, T(0));
     T* cursor = storage.data();
-    T** slots[] = {&in, &in_t, &act, &c_prev, &c_new, &tanh_c, &xhat, &h_new, &dz, &dh_tot, &dh_out, &dc_out};
-    for (int i = 0; i < 12; ++i) {
+    T** slots[] = {&in, &in_t, &act, &c_prev, &c_new, &tanh_c, &xhat, &h_new, &dz, &dh_tot, &dh_out, &dc_out, &lane_sums};
+    for (int i = 0; i < 13; ++i) {
       *slots[i] = cursor;
       cursor += sizes[i];
     }
@@ -218,15 +240,37 @@ S2META_INLINE void cell_backward(int64_t HB, const T* __restrict__ gi, const T* 
   }
 }
 
-// Forward of one block: fills the scratch with every intermediate the backward needs.
-template <typename T, int HC>
+// The two block products, in their AVX-512 form where the lanes are 64 bytes (float, H = 16).
+template <typename T, int VB>
+S2META_INLINE void block_gemm(const T* A4, const T* bias, const T* X, int64_t M, int64_t Kd, T* out) {
+#ifdef S2META_VECTOR_ACTIVATIONS
+  if constexpr (VB == 64 && std::is_same_v<T, float> && kBlock == 16) {
+    if (M % 8 == 0) return lstm_cpu::gemm_block_packed4_wide(A4, bias, X, M, Kd, out);
+  }
+#endif
+  lstm_cpu::gemm_block_packed4<T, kBlock>(A4, bias, X, M, Kd, out);
+}
+
+template <typename T, int VB>
+S2META_INLINE void block_outer(T* acc, const T* dz, const T* x_t, int64_t M, int64_t FP) {
+#ifdef S2META_VECTOR_ACTIVATIONS
+  if constexpr (VB == 64 && std::is_same_v<T, float> && kBlock == 16) {
+    if (FP == 24 && M % 8 == 0) return lstm_cpu::accumulate_outer_wide24(acc, dz, x_t, M);
+  }
+#endif
+  lstm_cpu::accumulate_outer<T, kBlock>(acc, dz, x_t, M, FP);
+}
+
+// Forward of one block: fills the scratch with every intermediate the backward needs. VB is the
+// float vector width in bytes of the build it is compiled into.
+template <typename T, int HC, int VB>
 S2META_INLINE void block_forward(const Ctx<T>& ctx, int64_t k, int64_t s, int64_t j0, int nb, Scratch<T>& sc) {
   const int64_t H = HC ? HC : ctx.d.H, G = 4 * H, F = lstm::kFeatures + H, N = ctx.d.N;
   const PreparedWeights<T>& w = *ctx.w;
   T* in = sc.in;
   const int64_t base = s * N + j0;
   if (nb == kBlock) {
-    Act<T>::clamp_copy(ctx.grad + base, ctx.clip, sc.g, kBlock);
+    Act<T>::template clamp_copy<VB>(ctx.grad + base, ctx.clip, sc.g, kBlock);
     std::memcpy(sc.th, ctx.theta + base, sizeof(T) * kBlock);
   } else {
     for (int b = 0; b < kBlock; ++b) {
@@ -238,8 +282,8 @@ S2META_INLINE void block_forward(const Ctx<T>& ctx, int64_t k, int64_t s, int64_
   const T loss_feature = ctx.loss_feature[s];
   for (int b = 0; b < kBlock; ++b) in[4 * kBlock + b] = loss_feature;
   // The Eq. 12 features of g and theta: rows 0, 1 and 2, 3 of the block input.
-  Act<T>::preprocess(sc.g, kBlock, ctx.p, ctx.threshold, ctx.exp_p, in, in + kBlock);
-  Act<T>::preprocess(sc.th, kBlock, ctx.p, ctx.threshold, ctx.exp_p, in + 2 * kBlock, in + 3 * kBlock);
+  Act<T>::template preprocess<VB>(sc.g, kBlock, ctx.p, ctx.threshold, ctx.exp_p, in, in + kBlock);
+  Act<T>::template preprocess<VB>(sc.th, kBlock, ctx.p, ctx.threshold, ctx.exp_p, in + 2 * kBlock, in + 3 * kBlock);
   if (nb == kBlock) {
     lstm_cpu::transpose_block(ctx.h + base * H, H, in + lstm::kFeatures * kBlock, kBlock, kBlock, H);
     lstm_cpu::transpose_block(ctx.c + base * H, H, sc.c_prev, kBlock, kBlock, H);
@@ -256,17 +300,17 @@ S2META_INLINE void block_forward(const Ctx<T>& ctx, int64_t k, int64_t s, int64_
   }
 
   T* act = sc.act;
-  lstm_cpu::gemm_block_packed4<T, kBlock>(w.wpack.data() + k * G * F, w.bias.data() + k * G, in, G, F, act);
+  block_gemm<T, VB>(w.wpack.data() + k * G * F, w.bias.data() + k * G, in, G, F, act);
   const int64_t HB = H * kBlock;
-  Act<T>::sigmoid_inplace(act, 2 * HB);           // i, f
-  Act<T>::tanh_inplace(act + 2 * HB, HB);         // g
-  Act<T>::sigmoid_inplace(act + 3 * HB, HB);      // o
+  Act<T>::template sigmoid_inplace<VB>(act, 2 * HB);       // i, f
+  Act<T>::template tanh_inplace<VB>(act + 2 * HB, HB);     // g
+  Act<T>::template sigmoid_inplace<VB>(act + 3 * HB, HB);  // o
   const T* gi = act;
   const T* gf = act + HB;
   const T* gg = act + 2 * HB;
   const T* go = act + 3 * HB;
   cell_forward(HB, gi, gf, gg, sc.c_prev, sc.c_new, sc.tanh_c);
-  Act<T>::tanh_inplace(sc.tanh_c, HB);
+  Act<T>::template tanh_inplace<VB>(sc.tanh_c, HB);
   T* hn = sc.h_new;
   mul_into(HB, go, sc.tanh_c, hn);
 
@@ -306,15 +350,15 @@ S2META_INLINE void block_forward(const Ctx<T>& ctx, int64_t k, int64_t s, int64_
       za[b] += wg[q] * hn[q * kBlock + b];
       zb[b] += wg[H + q] * hn[q * kBlock + b];
     }
-  Act<T>::sigmoid_inplace(za, kBlock);
-  Act<T>::sigmoid_inplace(zb, kBlock);
+  Act<T>::template sigmoid_inplace<VB>(za, kBlock);
+  Act<T>::template sigmoid_inplace<VB>(zb, kBlock);
   for (int b = 0; b < kBlock; ++b) {
     sc.alpha[b] = za[b];
     sc.beta[b] = zb[b];
   }
 }
 
-template <typename T, int HC>
+template <typename T, int HC, int VB>
 S2META_INLINE void forward_range(const Ctx<T>& ctx, int64_t chunk_begin, int64_t chunk_end) {
   const int64_t H = HC ? HC : ctx.d.H, N = ctx.d.N;
   Scratch<T> sc(H, 0);
@@ -332,7 +376,7 @@ S2META_INLINE void forward_range(const Ctx<T>& ctx, int64_t chunk_begin, int64_t
         prefetch_rows(ctx.h_new + pb, kBlock * H, true);
         prefetch_rows(ctx.c_new + pb, kBlock * H, true);
       }
-      block_forward<T, HC>(ctx, ch.k, s, j0, nb, sc);
+      block_forward<T, HC, VB>(ctx, ch.k, s, j0, nb, sc);
       const int64_t base = s * N + j0;
       for (int b = 0; b < nb; ++b) {
         ctx.theta_new[base + b] = sc.beta[b] * sc.th[b] - sc.alpha[b] * sc.g[b];
@@ -347,7 +391,7 @@ S2META_INLINE void forward_range(const Ctx<T>& ctx, int64_t chunk_begin, int64_t
 
 // Backward of one block, after block_forward. Lanes >= nb get zero incoming gradients, so they
 // add exactly nothing to the weight gradients.
-template <typename T, int HC>
+template <typename T, int HC, int VB>
 S2META_INLINE void block_backward(const Ctx<T>& ctx, int64_t k, int64_t s, int64_t j0, int nb, Scratch<T>& sc,
                                   T* partial) {
   const int64_t H = HC ? HC : ctx.d.H, G = 4 * H, N = ctx.d.N, HB = H * kBlock;
@@ -367,8 +411,8 @@ S2META_INLINE void block_backward(const Ctx<T>& ctx, int64_t k, int64_t s, int64
     dza[b] = da * sc.alpha[b] * (T(1) - sc.alpha[b]);
     dzb[b] = db * sc.beta[b] * (T(1) - sc.beta[b]);
   }
-  T* d_wg = partial + G * FP + 2 * H;
-  T* d_bg = d_wg + 2 * H;
+  T* d_wg = sc.lane_sums + 2 * H * kBlock;
+  T* d_bg = d_wg + 2 * H * kBlock;
   T* dh_tot = sc.dh_tot;
   if (nb == kBlock) {
     lstm_cpu::transpose_block(ctx.d_h_new + base * H, H, dh_tot, kBlock, kBlock, H);
@@ -379,43 +423,37 @@ S2META_INLINE void block_backward(const Ctx<T>& ctx, int64_t k, int64_t s, int64
     }
   }
   for (int64_t q = 0; q < H; ++q) {
-    T sa = T(0), sb = T(0);
     for (int b = 0; b < kBlock; ++b) {
       const T hv = sc.h_new[q * kBlock + b];
-      sa += dza[b] * hv;
-      sb += dzb[b] * hv;
+      d_wg[q * kBlock + b] += dza[b] * hv;
+      d_wg[(H + q) * kBlock + b] += dzb[b] * hv;
       dh_tot[q * kBlock + b] += dza[b] * wg[q] + dzb[b] * wg[H + q];
     }
-    d_wg[q] += sa;
-    d_wg[H + q] += sb;
   }
   for (int b = 0; b < kBlock; ++b) {
-    d_bg[0] += dza[b];
-    d_bg[1] += dzb[b];
+    d_bg[b] += dza[b];
+    d_bg[kBlock + b] += dzb[b];
   }
 
   // LayerNorm: du = rstd (dx - mean(dx) - xhat mean(dx xhat)), dx = dh' * gamma.
   T* du = dh_tot;  // overwritten in place
   if (ctx.d.layer_norm) {
     const T* lw = w.ln_w + k * H;
-    T* d_lw = partial + G * FP;
-    T* d_lb = d_lw + H;
+    T* d_lw = sc.lane_sums;
+    T* d_lb = d_lw + H * kBlock;
     T m1[kBlock], m2[kBlock];
     for (int b = 0; b < kBlock; ++b) m1[b] = m2[b] = T(0);
     for (int64_t q = 0; q < H; ++q) {
-      T sw = T(0), sb = T(0);
       for (int b = 0; b < kBlock; ++b) {
         const T dy = dh_tot[q * kBlock + b];
         const T xh = sc.xhat[q * kBlock + b];
-        sw += dy * xh;
-        sb += dy;
+        d_lw[q * kBlock + b] += dy * xh;
+        d_lb[q * kBlock + b] += dy;
         const T dx = dy * lw[q];
         dh_tot[q * kBlock + b] = dx;
         m1[b] += dx;
         m2[b] += dx * xh;
       }
-      d_lw[q] += sw;
-      d_lb[q] += sb;
     }
     for (int b = 0; b < kBlock; ++b) {
       m1[b] /= T(H);
@@ -447,7 +485,7 @@ S2META_INLINE void block_backward(const Ctx<T>& ctx, int64_t k, int64_t s, int64
   cell_backward(HB, gi, gf, gg, go, sc.tanh_c, sc.c_prev, du, dc_in, dz, d_c);
   T* dh = sc.dh_out;
   if (H % 4 == 0) {
-    lstm_cpu::gemm_block_packed4<T, kBlock>(w.whh_t_pack.data() + k * H * G, w.zeros.data(), dz, H, G, dh);
+    block_gemm<T, VB>(w.whh_t_pack.data() + k * H * G, w.zeros.data(), dz, H, G, dh);
   } else {
     gemm_block<T, kBlock>(w.whh_t.data() + k * H * G, nullptr, dz, H, G, dh);
   }
@@ -467,10 +505,10 @@ S2META_INLINE void block_backward(const Ctx<T>& ctx, int64_t k, int64_t s, int64
     }
   }
   lstm_cpu::transpose_block(sc.in + lstm::kFeatures * kBlock, kBlock, in_t + lstm::kFeatures, FP, H, kBlock);
-  lstm_cpu::accumulate_outer<T, kBlock>(partial, dz, in_t, G, FP);
+  block_outer<T, VB>(partial, dz, in_t, G, FP);
 }
 
-template <typename T, int HC>
+template <typename T, int HC, int VB>
 S2META_INLINE void backward_range(const Ctx<T>& ctx, int64_t chunk_begin, int64_t chunk_end) {
   Scratch<T> sc(ctx.d.H, ctx.padded_features);
   const int64_t H = HC ? HC : ctx.d.H, N = ctx.d.N;
@@ -485,6 +523,8 @@ S2META_INLINE void backward_range(const Ctx<T>& ctx, int64_t chunk_begin, int64_
     const int64_t lo = ctx.offsets[ch.k], hi = ctx.offsets[ch.k + 1];
     T* partial = ctx.partials + ci * ctx.partial_stride;
     std::fill(partial, partial + ctx.partial_stride, T(0));  // here, not up front: it stays in cache
+    const int64_t small_rows = 4 * H + 2;
+    std::fill(sc.lane_sums, sc.lane_sums + small_rows * kBlock, T(0));
     for (int64_t t = ch.t_begin; t < ch.t_end; ++t) {
       const int64_t s = t / ch.blocks_per_row;
       const int64_t j0 = lo + (t % ch.blocks_per_row) * kBlock;
@@ -498,8 +538,14 @@ S2META_INLINE void backward_range(const Ctx<T>& ctx, int64_t chunk_begin, int64_
         prefetch_rows(ctx.d_h + pb, kBlock * H, true);
         prefetch_rows(ctx.d_c + pb, kBlock * H, true);
       }
-      block_forward<T, HC>(ctx, ch.k, s, j0, nb, sc);
-      block_backward<T, HC>(ctx, ch.k, s, j0, nb, sc, partial);
+      block_forward<T, HC, VB>(ctx, ch.k, s, j0, nb, sc);
+      block_backward<T, HC, VB>(ctx, ch.k, s, j0, nb, sc, partial);
+    }
+    T* tail = partial + 4 * H * FP;  // G * FP: where the small weights' gradients start
+    for (int64_t row = 0; row < small_rows; ++row) {
+      T sum = T(0);
+      for (int b = 0; b < kBlock; ++b) sum += sc.lane_sums[row * kBlock + b];
+      tail[row] = sum;
     }
   }
 }
@@ -509,30 +555,30 @@ S2META_INLINE void backward_range(const Ctx<T>& ctx, int64_t chunk_begin, int64_
 // is compiled for H = 16 (the paper's hidden size: every loop bound a constant) and for any H.
 template <typename T, int HC>
 void forward_range_base(const Ctx<T>& ctx, int64_t b, int64_t e) {
-  forward_range<T, HC>(ctx, b, e);
+  forward_range<T, HC, 32>(ctx, b, e);
 }
 template <typename T, int HC>
 void backward_range_base(const Ctx<T>& ctx, int64_t b, int64_t e) {
-  backward_range<T, HC>(ctx, b, e);
+  backward_range<T, HC, 32>(ctx, b, e);
 }
 #if defined(__GNUC__) && defined(__x86_64__)
 #define S2META_HAVE_AVX2_CLONE 1
 #define S2META_AVX512_TARGET "avx512f,avx512vl,avx512bw,avx512dq,avx2,fma"
 template <typename T, int HC>
 __attribute__((target("avx2,fma"))) void forward_range_avx2(const Ctx<T>& ctx, int64_t b, int64_t e) {
-  forward_range<T, HC>(ctx, b, e);
+  forward_range<T, HC, 32>(ctx, b, e);
 }
 template <typename T, int HC>
 __attribute__((target("avx2,fma"))) void backward_range_avx2(const Ctx<T>& ctx, int64_t b, int64_t e) {
-  backward_range<T, HC>(ctx, b, e);
+  backward_range<T, HC, 32>(ctx, b, e);
 }
 template <typename T, int HC>
 __attribute__((target(S2META_AVX512_TARGET))) void forward_range_avx512(const Ctx<T>& ctx, int64_t b, int64_t e) {
-  forward_range<T, HC>(ctx, b, e);
+  forward_range<T, HC, 64>(ctx, b, e);
 }
 template <typename T, int HC>
 __attribute__((target(S2META_AVX512_TARGET))) void backward_range_avx512(const Ctx<T>& ctx, int64_t b, int64_t e) {
-  backward_range<T, HC>(ctx, b, e);
+  backward_range<T, HC, 64>(ctx, b, e);
 }
 // 0: baseline, 1: AVX2+FMA, 2: AVX-512. S2META_CPU_BASELINE=1 forces the baseline build, so tests
 // can cover it on an AVX2 machine; S2META_CPU_NO_AVX512=1 caps it at AVX2.
@@ -637,8 +683,7 @@ OutputTuple lstm_update_multi_cpu(const at::Tensor& theta_in, const at::Tensor& 
     ctx.c_new = out.c_new.mutable_data_ptr<scalar_t>();
     ctx.alpha_out = out.alpha.mutable_data_ptr<scalar_t>();
     ctx.beta_out = out.beta.mutable_data_ptr<scalar_t>();
-    at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1,
-                     [&](int64_t b, int64_t e) { forward_dispatch(ctx, b, e); });
+    parallel_over_chunks(chunks, [&](int64_t b, int64_t e) { forward_dispatch(ctx, b, e); });
   });
   return out.as_tuple();
 }
@@ -684,7 +729,7 @@ lstm::GradientTuple lstm_update_multi_backward_cpu(
     ctx.partials = partials.mutable_data_ptr<scalar_t>();
     ctx.partial_stride = P;
     ctx.padded_features = FP;
-    at::parallel_for(0, n_chunks, 1, [&](int64_t b, int64_t e) { backward_dispatch(ctx, b, e); });
+    parallel_over_chunks(chunks, [&](int64_t b, int64_t e) { backward_dispatch(ctx, b, e); });
 
     // Sum each controller's chunks in chunk order: the result is independent of the threads.
     std::vector<scalar_t> total(d.K * P, scalar_t(0));

@@ -130,6 +130,28 @@ struct FloatActImpl {
 typedef float FloatLanes __attribute__((vector_size(32)));
 typedef uint32_t IntLanes __attribute__((vector_size(32)));
 constexpr int kFloatLanes = 8;
+
+// Lanes of VB bytes: 32 in the AVX2 and baseline builds, 64 in the AVX-512 one (a block row of
+// 16 floats is then one register, which halves the instruction count of every loop below).
+// Spelled out per width: GCC drops vector_size from a typedef that depends on a template parameter.
+typedef float FloatLanes16 __attribute__((vector_size(64)));
+typedef uint32_t IntLanes16 __attribute__((vector_size(64)));
+template <int VB>
+struct FloatVec;
+template <>
+struct FloatVec<32> {
+  using F = FloatLanes;
+  using I = IntLanes;
+  static constexpr int kLanes = 8;
+  using Impl = FloatActImpl<F, I>;
+};
+template <>
+struct FloatVec<64> {
+  using F = FloatLanes16;
+  using I = IntLanes16;
+  static constexpr int kLanes = 16;
+  using Impl = FloatActImpl<F, I>;
+};
 #endif
 
 template <>
@@ -139,13 +161,13 @@ struct Act<float> {
   static S2META_INLINE float tanh(float x) { return Scalar::tanh(x); }
 
 #ifdef S2META_VECTOR_ACTIVATIONS
-  using Lanes = FloatActImpl<FloatLanes, IntLanes>;
 #define S2META_APPLY_LANES(a, n, fn)                 \
+  using L = FloatVec<VB>;                            \
   int64_t e = 0;                                     \
-  for (; e + kFloatLanes <= n; e += kFloatLanes) {   \
-    FloatLanes v;                                    \
+  for (; e + L::kLanes <= n; e += L::kLanes) {       \
+    typename L::F v;                                 \
     std::memcpy(&v, a + e, sizeof(v));               \
-    v = Lanes::fn(v);                                \
+    v = L::Impl::fn(v);                              \
     std::memcpy(a + e, &v, sizeof(v));               \
   }                                                  \
   for (; e < n; ++e) a[e] = Scalar::fn(a[e]);
@@ -153,16 +175,21 @@ struct Act<float> {
 #define S2META_APPLY_LANES(a, n, fn) \
   for (int64_t e = 0; e < n; ++e) a[e] = Scalar::fn(a[e]);
 #endif
+  template <int VB = 32>
   static S2META_INLINE void sigmoid_inplace(float* a, int64_t n) { S2META_APPLY_LANES(a, n, sigmoid) }
+  template <int VB = 32>
   static S2META_INLINE void tanh_inplace(float* a, int64_t n) { S2META_APPLY_LANES(a, n, tanh) }
 #undef S2META_APPLY_LANES
   // dst = lstm::clamp_keep_nan(src, clip) (NaN stays NaN), as selects: no per-lane branches.
+  // n is a multiple of the lane count.
+  template <int VB = 32>
   static S2META_INLINE void clamp_copy(const float* src, float clip, float* dst, int64_t n) {
 #ifdef S2META_VECTOR_ACTIVATIONS
-    for (int64_t e = 0; e < n; e += kFloatLanes) {
-      FloatLanes v;
+    using L = FloatVec<VB>;
+    for (int64_t e = 0; e < n; e += L::kLanes) {
+      typename L::F v;
       std::memcpy(&v, src + e, sizeof(v));
-      const FloatLanes hi = FloatLanes{} + clip;
+      const typename L::F hi = typename L::F{} + clip;
       v = v < -hi ? -hi : (v > hi ? hi : v);
       std::memcpy(dst + e, &v, sizeof(v));
     }
@@ -173,26 +200,29 @@ struct Act<float> {
 
   // preprocess_scalar (ops/grad_preprocess.h) of x[0..n), n a multiple of the lane count, with
   // the logs taken by log_normal and lanes it does not cover (0, subnormal, inf) by std::log.
+  template <int VB = 32>
   static S2META_INLINE void preprocess(const float* x, int64_t n, float p, float threshold, float exp_p,
                                        float* log_part, float* sign_part) {
 #ifdef S2META_VECTOR_ACTIVATIONS
-    for (int64_t e = 0; e < n; e += kFloatLanes) {
-      FloatLanes v;
+    using L = FloatVec<VB>;
+    using V = typename L::F;
+    for (int64_t e = 0; e < n; e += L::kLanes) {
+      V v;
       std::memcpy(&v, x + e, sizeof(v));
-      const FloatLanes mag = Lanes::abs(v);
+      const V mag = L::Impl::abs(v);
       const auto big = mag >= threshold;  // false for NaN
-      FloatLanes lg = Lanes::log_normal(mag) / p;
+      V lg = L::Impl::log_normal(mag) / p;
       const auto odd = big & ((mag < 1.17549435e-38f) | (mag > 3.40282347e+38f));
       bool any_odd = false;
-      for (int l = 0; l < kFloatLanes; ++l) any_odd |= odd[l] != 0;
+      for (int l = 0; l < L::kLanes; ++l) any_odd |= odd[l] != 0;
       if (any_odd) {
-        for (int l = 0; l < kFloatLanes; ++l)
+        for (int l = 0; l < L::kLanes; ++l)
           if (odd[l]) lg[l] = std::log(mag[l]) / p;
       }
-      const FloatLanes one = FloatLanes{} + 1.0f, zero = FloatLanes{};
-      const FloatLanes sign = v > 0.0f ? one : (v < 0.0f ? -one : zero);
-      const FloatLanes lp = big ? lg : -one;
-      const FloatLanes sp = big ? sign : exp_p * v;
+      const V one = V{} + 1.0f, zero = V{};
+      const V sign = v > 0.0f ? one : (v < 0.0f ? -one : zero);
+      const V lp = big ? lg : -one;
+      const V sp = big ? sign : exp_p * v;
       std::memcpy(log_part + e, &lp, sizeof(lp));
       std::memcpy(sign_part + e, &sp, sizeof(sp));
     }
@@ -210,15 +240,20 @@ struct Act<double> {
     return z >= 0.0 ? r : e * r;
   }
   static S2META_INLINE double tanh(double x) { return std::tanh(x); }
+  // VB (the float lane width) is unused: fp64 is the checking path.
+  template <int VB = 32>
   static S2META_INLINE void sigmoid_inplace(double* a, int64_t n) {
     for (int64_t e = 0; e < n; ++e) a[e] = sigmoid(a[e]);
   }
+  template <int VB = 32>
   static S2META_INLINE void tanh_inplace(double* a, int64_t n) {
     for (int64_t e = 0; e < n; ++e) a[e] = std::tanh(a[e]);
   }
+  template <int VB = 32>
   static S2META_INLINE void clamp_copy(const double* src, double clip, double* dst, int64_t n) {
     for (int64_t e = 0; e < n; ++e) dst[e] = src[e] < -clip ? -clip : (src[e] > clip ? clip : src[e]);
   }
+  template <int VB = 32>
   static S2META_INLINE void preprocess(const double* x, int64_t n, double p, double threshold, double exp_p,
                                        double* log_part, double* sign_part) {
     for (int64_t e = 0; e < n; ++e) preprocess_scalar(x[e], p, threshold, exp_p, &log_part[e], &sign_part[e]);
@@ -517,6 +552,116 @@ S2META_INLINE void gemm_block_packed4<float, 16>(const float* __restrict__ A4, c
     std::memcpy(o + 40, &a21, 32);
     std::memcpy(o + 48, &a30, 32);
     std::memcpy(o + 56, &a31, 32);
+  }
+}
+
+// The AVX-512 forms of the two block products, for 64-byte lanes (call them only from code built
+// for AVX-512). A block row of 16 floats is one register, so eight rows of accumulators are eight
+// registers: eight independent FMA chains, what two FMA pipes of latency four need.
+
+// gemm_block_packed4<float, 16> for M a multiple of 8: two packed groups of four rows at once.
+S2META_INLINE void gemm_block_packed4_wide(const float* __restrict__ A4, const float* __restrict__ bias,
+                                           const float* __restrict__ X, int64_t M, int64_t Kd,
+                                           float* __restrict__ out) {
+  using V = FloatVec<64>::F;
+  for (int64_t m = 0; m < M; m += 8) {
+    V a0 = V{} + bias[m], a1 = V{} + bias[m + 1], a2 = V{} + bias[m + 2], a3 = V{} + bias[m + 3];
+    V a4 = V{} + bias[m + 4], a5 = V{} + bias[m + 5], a6 = V{} + bias[m + 6], a7 = V{} + bias[m + 7];
+    const float* p = A4 + m * Kd;
+    const float* q = p + 4 * Kd;
+    for (int64_t k = 0; k < Kd; ++k) {
+      V x;
+      std::memcpy(&x, X + k * 16, sizeof(x));
+      a0 += p[4 * k] * x;
+      a1 += p[4 * k + 1] * x;
+      a2 += p[4 * k + 2] * x;
+      a3 += p[4 * k + 3] * x;
+      a4 += q[4 * k] * x;
+      a5 += q[4 * k + 1] * x;
+      a6 += q[4 * k + 2] * x;
+      a7 += q[4 * k + 3] * x;
+    }
+    float* o = out + m * 16;
+    std::memcpy(o, &a0, 64);
+    std::memcpy(o + 16, &a1, 64);
+    std::memcpy(o + 32, &a2, 64);
+    std::memcpy(o + 48, &a3, 64);
+    std::memcpy(o + 64, &a4, 64);
+    std::memcpy(o + 80, &a5, 64);
+    std::memcpy(o + 96, &a6, 64);
+    std::memcpy(o + 112, &a7, 64);
+  }
+}
+
+// accumulate_outer<float, 16> for FP == 24 (H = 16: 5 features + 16 h + the bias column, padded)
+// and M a multiple of 8: a row of the tile is one 16-wide and one 8-wide register, and eight rows
+// give sixteen accumulators, each lane's x row loaded once for all eight.
+S2META_INLINE void accumulate_outer_wide24(float* __restrict__ acc, const float* __restrict__ dz,
+                                           const float* __restrict__ x_t, int64_t M) {
+  using W = FloatVec<64>::F;
+  using N = FloatLanes;
+  constexpr int64_t FP = 24;
+  for (int64_t r = 0; r < M; r += 8) {
+    float* o = acc + r * FP;
+    const float* d = dz + r * 16;
+    W w0, w1, w2, w3, w4, w5, w6, w7;
+    N n0, n1, n2, n3, n4, n5, n6, n7;
+    std::memcpy(&w0, o, 64);
+    std::memcpy(&n0, o + 16, 32);
+    std::memcpy(&w1, o + FP, 64);
+    std::memcpy(&n1, o + FP + 16, 32);
+    std::memcpy(&w2, o + 2 * FP, 64);
+    std::memcpy(&n2, o + 2 * FP + 16, 32);
+    std::memcpy(&w3, o + 3 * FP, 64);
+    std::memcpy(&n3, o + 3 * FP + 16, 32);
+    std::memcpy(&w4, o + 4 * FP, 64);
+    std::memcpy(&n4, o + 4 * FP + 16, 32);
+    std::memcpy(&w5, o + 5 * FP, 64);
+    std::memcpy(&n5, o + 5 * FP + 16, 32);
+    std::memcpy(&w6, o + 6 * FP, 64);
+    std::memcpy(&n6, o + 6 * FP + 16, 32);
+    std::memcpy(&w7, o + 7 * FP, 64);
+    std::memcpy(&n7, o + 7 * FP + 16, 32);
+    for (int b = 0; b < 16; ++b) {
+      W xw;
+      N xn;
+      std::memcpy(&xw, x_t + b * FP, 64);
+      std::memcpy(&xn, x_t + b * FP + 16, 32);
+      const float s0 = d[b], s1 = d[16 + b], s2 = d[32 + b], s3 = d[48 + b];
+      const float s4 = d[64 + b], s5 = d[80 + b], s6 = d[96 + b], s7 = d[112 + b];
+      w0 += s0 * xw;
+      n0 += s0 * xn;
+      w1 += s1 * xw;
+      n1 += s1 * xn;
+      w2 += s2 * xw;
+      n2 += s2 * xn;
+      w3 += s3 * xw;
+      n3 += s3 * xn;
+      w4 += s4 * xw;
+      n4 += s4 * xn;
+      w5 += s5 * xw;
+      n5 += s5 * xn;
+      w6 += s6 * xw;
+      n6 += s6 * xn;
+      w7 += s7 * xw;
+      n7 += s7 * xn;
+    }
+    std::memcpy(o, &w0, 64);
+    std::memcpy(o + 16, &n0, 32);
+    std::memcpy(o + FP, &w1, 64);
+    std::memcpy(o + FP + 16, &n1, 32);
+    std::memcpy(o + 2 * FP, &w2, 64);
+    std::memcpy(o + 2 * FP + 16, &n2, 32);
+    std::memcpy(o + 3 * FP, &w3, 64);
+    std::memcpy(o + 3 * FP + 16, &n3, 32);
+    std::memcpy(o + 4 * FP, &w4, 64);
+    std::memcpy(o + 4 * FP + 16, &n4, 32);
+    std::memcpy(o + 5 * FP, &w5, 64);
+    std::memcpy(o + 5 * FP + 16, &n5, 32);
+    std::memcpy(o + 6 * FP, &w6, 64);
+    std::memcpy(o + 6 * FP + 16, &n6, 32);
+    std::memcpy(o + 7 * FP, &w7, 64);
+    std::memcpy(o + 7 * FP + 16, &n7, 32);
   }
 }
 #endif

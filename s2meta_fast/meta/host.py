@@ -1,0 +1,75 @@
+"""Host-process settings for long CPU training loops.
+
+Two costs of the Python host that a meta-step on the CPU pays and the kernels cannot remove, both
+measured on the 2-core dev VM at B = 8 (docs/performance.md):
+
+- glibc gives the heap's freed top back to the kernel once it exceeds a small threshold. A
+  meta-step saves a few hundred MB of controller states for its backward and frees them at the
+  end, so every step faulted ~10,000 pages back in (10-20 ms of system time a step).
+  `keep_freed_memory` raises the trim threshold so the heap keeps that memory for the next step,
+  and lets blocks of up to 32 MiB (glibc's ceiling) come from the heap instead of fresh mmaps.
+- CPython's cyclic collector walks every tracked object (torch's modules included) in its full
+  collections, which the autograd graph's many small objects trigger every few steps.
+  `frozen_gc` moves everything alive before the loop out of its reach for the loop's duration.
+"""
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ctypes.util
+import gc
+import logging
+import sys
+from typing import Iterator
+
+log = logging.getLogger(__name__)
+
+_M_TRIM_THRESHOLD = -1  # glibc <malloc.h>
+_M_MMAP_THRESHOLD = -3
+_KEEP_BYTES = 1 << 30
+_HEAP_BLOCK_CEILING = 32 << 20  # glibc refuses a larger M_MMAP_THRESHOLD on 64-bit
+
+_kept = False
+
+
+def keep_freed_memory() -> bool:
+    """Makes glibc keep freed heap memory in the process (up to 1 GiB above what is in use).
+
+    Process-wide and not undone: the process's resident size stays at its high-water mark, as with
+    any caching allocator. Returns whether the settings took (False off glibc, e.g. on macOS).
+    """
+    global _kept
+    if _kept:
+        return True
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # musl and other libcs without mallopt
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    _kept = bool(mallopt(_M_TRIM_THRESHOLD, _KEEP_BYTES)) and bool(mallopt(_M_MMAP_THRESHOLD, _HEAP_BLOCK_CEILING))
+    if not _kept:
+        log.debug("mallopt refused the heap settings; freed memory goes back to the kernel as usual")
+    return _kept
+
+
+@contextlib.contextmanager
+def frozen_gc() -> Iterator[None]:
+    """Within the block, full collections skip every object that was alive on entry."""
+    gc.collect()
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
+
+
+@contextlib.contextmanager
+def training_host(device) -> Iterator[None]:
+    """Both settings for a training or evaluation loop on `device` (the heap one on the CPU only)."""
+    if getattr(device, "type", str(device)) == "cpu":
+        keep_freed_memory()
+    with frozen_gc():
+        yield
