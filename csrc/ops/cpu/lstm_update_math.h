@@ -555,6 +555,41 @@ S2META_INLINE void gemm_block_packed4<float, 16>(const float* __restrict__ A4, c
   }
 }
 
+// 16 x 16 transpose in 64-byte registers (AVX-512 builds only): four stages, each swapping the two
+// off-diagonal d x d blocks of every 2d x 2d block (d = 8, 4, 2, 1) with one two-source shuffle per
+// row. Each output row is one whole 64-byte line, written by a non-temporal store.
+template <int d>
+S2META_INLINE void swap_off_diagonal_blocks(FloatLanes16* r) {
+#define S2META_LO(c) (((c) & d) == 0 ? (c) : 16 + (c) - d)
+#define S2META_HI(c) (((c) & d) == 0 ? (c) + d : 16 + (c))
+  constexpr IntLanes16 lo = {S2META_LO(0),  S2META_LO(1),  S2META_LO(2),  S2META_LO(3),  S2META_LO(4),  S2META_LO(5),
+                             S2META_LO(6),  S2META_LO(7),  S2META_LO(8),  S2META_LO(9),  S2META_LO(10), S2META_LO(11),
+                             S2META_LO(12), S2META_LO(13), S2META_LO(14), S2META_LO(15)};
+  constexpr IntLanes16 hi = {S2META_HI(0),  S2META_HI(1),  S2META_HI(2),  S2META_HI(3),  S2META_HI(4),  S2META_HI(5),
+                             S2META_HI(6),  S2META_HI(7),  S2META_HI(8),  S2META_HI(9),  S2META_HI(10), S2META_HI(11),
+                             S2META_HI(12), S2META_HI(13), S2META_HI(14), S2META_HI(15)};
+#undef S2META_LO
+#undef S2META_HI
+  for (int i = 0; i < 16; ++i) {
+    if (i & d) continue;
+    const FloatLanes16 a = r[i], b = r[i + d];
+    r[i] = __builtin_shuffle(a, b, lo);
+    r[i + d] = __builtin_shuffle(a, b, hi);
+  }
+}
+
+// dst and dst_stride * 4 bytes must be multiples of 64; the caller fences (sfence) after its last store.
+S2META_INLINE void transpose16x16_streaming(const float* __restrict__ src, int64_t src_stride,
+                                            float* __restrict__ dst, int64_t dst_stride) {
+  FloatLanes16 r[16];
+  for (int i = 0; i < 16; ++i) std::memcpy(&r[i], src + i * src_stride, 64);
+  swap_off_diagonal_blocks<8>(r);
+  swap_off_diagonal_blocks<4>(r);
+  swap_off_diagonal_blocks<2>(r);
+  swap_off_diagonal_blocks<1>(r);
+  for (int i = 0; i < 16; ++i) __builtin_ia32_movntps512(dst + i * dst_stride, r[i]);
+}
+
 // The AVX-512 forms of the two block products, for 64-byte lanes (call them only from code built
 // for AVX-512). A block row of 16 floats is one register, so eight rows of accumulators are eight
 // registers: eight independent FMA chains, what two FMA pipes of latency four need.
