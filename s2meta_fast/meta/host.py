@@ -6,8 +6,10 @@ measured on the 2-core dev VM at B = 8 (docs/performance.md):
 - glibc gives the heap's freed top back to the kernel once it exceeds a small threshold. A
   meta-step saves a few hundred MB of controller states for its backward and frees them at the
   end, so every step faulted ~10,000 pages back in (10-20 ms of system time a step).
-  `keep_freed_memory` raises the trim threshold so the heap keeps that memory for the next step,
-  and lets blocks of up to 32 MiB (glibc's ceiling) come from the heap instead of fresh mmaps.
+  Blocks above the mmap threshold (at most 32 MiB: B = 64's states are 45 MB each) get a fresh
+  mapping every time, faulted in page by page: B = 64 ran at half B = 8's scenarios/s.
+  `keep_freed_memory` serves every block from the heap (no mmap) and raises the trim threshold to
+  2 GiB, so the heap keeps that memory for the next step.
 - CPython's cyclic collector walks every tracked object (torch's modules included) in its full
   collections, which the autograd graph's many small objects trigger every few steps.
   `frozen_gc` moves everything alive before the loop out of its reach for the loop's duration.
@@ -25,15 +27,14 @@ from typing import Iterator
 log = logging.getLogger(__name__)
 
 _M_TRIM_THRESHOLD = -1  # glibc <malloc.h>
-_M_MMAP_THRESHOLD = -3
-_KEEP_BYTES = 1 << 30
-_HEAP_BLOCK_CEILING = 32 << 20  # glibc refuses a larger M_MMAP_THRESHOLD on 64-bit
+_M_MMAP_MAX = -4
+_KEEP_BYTES = 2**31 - 1  # mallopt takes an int
 
 _kept = False
 
 
 def keep_freed_memory() -> bool:
-    """Makes glibc keep freed heap memory in the process (up to 1 GiB above what is in use).
+    """Makes glibc serve large blocks from its heap and keep freed memory (up to 2 GiB above use).
 
     Process-wide and not undone: the process's resident size stays at its high-water mark, as with
     any caching allocator. Returns whether the settings took (False off glibc, e.g. on macOS).
@@ -49,7 +50,7 @@ def keep_freed_memory() -> bool:
     except (OSError, AttributeError):  # musl and other libcs without mallopt
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    _kept = bool(mallopt(_M_TRIM_THRESHOLD, _KEEP_BYTES)) and bool(mallopt(_M_MMAP_THRESHOLD, _HEAP_BLOCK_CEILING))
+    _kept = bool(mallopt(_M_TRIM_THRESHOLD, _KEEP_BYTES)) and bool(mallopt(_M_MMAP_MAX, 0))
     if not _kept:
         log.debug("mallopt refused the heap settings; freed memory goes back to the kernel as usual")
     return _kept
