@@ -1,7 +1,9 @@
 """FastUpdateController vs UpdateController, forward only, at 1 and 2 CPU threads.
 
 Shows how each path uses the second core: the reference's MKL GEMMs scale well, so the fused
-kernel's advantage is largest on one thread. Minimum of 7 calls after 2 warm-ups, no autograd.
+kernel's advantage is largest on one thread. Minimum of 7 calls after 2 warm-ups, no autograd,
+under the trainer's heap setting (meta/host.py): without it, each call's fresh outputs (44 MB at
+d = 128, S = 8) are a new mapping faulted in page by page, which more than doubled that row.
 
 Usage: python benchmarks/controller_threads.py
 """
@@ -13,6 +15,7 @@ import warnings
 import torch
 
 from s2meta_fast.meta import FastUpdateController, UpdateController
+from s2meta_fast.meta.host import keep_freed_memory
 from s2meta_fast.models import build_model
 
 
@@ -30,6 +33,7 @@ def best_ms(controller, args, repeats: int = 7) -> float:
 
 def main() -> None:
     warnings.simplefilter("ignore", RuntimeWarning)
+    keep_freed_memory()
     print(f"{'d':>4s} {'S':>2s} {'threads':>7s} {'fused ms':>9s} {'reference ms':>13s} {'ratio':>6s}")
     for dim in (64, 128):
         model = build_model("interaction", dim)

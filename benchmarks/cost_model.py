@@ -7,8 +7,9 @@ coordinate), and the floor set by the update controller's arithmetic at the mach
 The controller dominates: per coordinate and inner step the forward is a 4H x (5 + H) matvec
 plus 2H for the gate heads (2 * (4*16*21 + 32) = 2,752 FLOP at H = 16), and the fused backward
 recomputes it and adds W_hh^T dz, dW_ih and dW_hh (about 3x the forward). So one scenario's meta-step
-costs about 11,000 * N * T FLOP; `--peak-gflops` is the machine's FMA peak (default: one AVX2 core at
-3 GHz, 96 GFLOP/s, times the threads used). Transcendentals (≈ 5H exp/log per coordinate) are not in
+costs about 11,000 * N * T FLOP; `--peak-gflops` is the machine's rate (default: measured, a
+2048 x 2048 fp32 torch.mm at the threads used on the CPU, i.e. the vendor BLAS's practical rate;
+60,000 on CUDA, an H100's fp32 FMA peak). Transcendentals (≈ 5H exp/log per coordinate) are not in
 the floor, so the measured/floor ratio also shows how far the activations keep us from it.
 
 Usage: python benchmarks/cost_model.py [--device cpu|cuda] [--threads N] [--steps N]
@@ -49,17 +50,30 @@ def time_step(batch_size: int, dim: int, t_max: int, device: str, steps: int) ->
         return (time.perf_counter() - start) / steps, learner.model.n_params
 
 
+def gemm_gflops(n: int = 2048, repeats: int = 5) -> float:
+    """The best of `repeats` n x n x n fp32 matrix products on the CPU, in GFLOP/s."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    out = torch.mm(a, b)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        torch.mm(a, b, out=out)
+        best = min(best, time.perf_counter() - start)
+    return 2 * n ** 3 / best / 1e9
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--peak-gflops", type=float, default=0.0,
-                        help="machine peak in GFLOP/s (default: 96 per CPU thread; 60,000 on CUDA, fp32 FMA of an H100)")
+                        help="machine rate in GFLOP/s (default: measured fp32 GEMM rate on the CPU; 60,000 on CUDA, "
+                             "fp32 FMA of an H100)")
     args = parser.parse_args()
     warnings.simplefilter("ignore", RuntimeWarning)
     torch.set_num_threads(args.threads)
-    peak = args.peak_gflops or (96.0 * args.threads if args.device == "cpu" else 60_000.0)
+    peak = args.peak_gflops or (gemm_gflops() if args.device == "cpu" else 60_000.0)
     grid = [(8, 64, 20), (1, 64, 20), (32, 64, 20), (8, 32, 20), (8, 128, 20), (8, 64, 5), (8, 64, 10)]
     import s2meta_fast
     print(s2meta_fast.backend(), f"| device {args.device}, {torch.get_num_threads()} thread(s), peak {peak:.0f} GFLOP/s")
