@@ -20,6 +20,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <initializer_list>
 #include <tuple>
 #include <type_traits>
 #include <vector>
@@ -294,6 +295,30 @@ S2META_INLINE void streamed_rows_fence() {
 #endif
 }
 
+// Block t of a chunk: scenario s, first coordinate j0 and nb live lanes.
+struct BlockAt {
+  int64_t s, j0;
+  int nb;
+};
+
+// Locates block t of a chunk, after prefetching the [kBlock, H] rows kPrefetchBlocks blocks ahead
+// of the arrays the blocks read and of those they write (unless the results are streamed past
+// the cache).
+template <typename T, int HC, int VB>
+S2META_INLINE BlockAt enter_block(const Ctx<T>& ctx, const Chunk& ch, int64_t t, std::initializer_list<const T*> reads,
+                                  std::initializer_list<T*> writes) {
+  const int64_t H = HC ? HC : ctx.d.H, N = ctx.d.N;
+  const int64_t lo = ctx.offsets[ch.k], hi = ctx.offsets[ch.k + 1];
+  if (t + kPrefetchBlocks < ch.t_end) {
+    const int64_t pb = block_base(ch, lo, N, t + kPrefetchBlocks) * H;
+    for (const T* r : reads) prefetch_rows(r + pb, kBlock * H, false);
+    if (!kStreamsRows<T, HC, VB>)
+      for (T* w : writes) prefetch_rows(w + pb, kBlock * H, true);
+  }
+  const int64_t j0 = lo + (t % ch.blocks_per_row) * kBlock;
+  return {t / ch.blocks_per_row, j0, static_cast<int>(std::min<int64_t>(kBlock, hi - j0))};
+}
+
 // Forward of one block: fills the scratch with every intermediate the backward needs. VB is the
 // float vector width in bytes of the build it is compiled into.
 template <typename T, int HC, int VB>
@@ -397,29 +422,17 @@ S2META_INLINE void forward_range(const Ctx<T>& ctx, int64_t chunk_begin, int64_t
   Scratch<T> sc(H, 0);
   for (int64_t ci = chunk_begin; ci < chunk_end; ++ci) {
     const Chunk& ch = ctx.chunks[ci];
-    const int64_t lo = ctx.offsets[ch.k], hi = ctx.offsets[ch.k + 1];
     for (int64_t t = ch.t_begin; t < ch.t_end; ++t) {
-      const int64_t s = t / ch.blocks_per_row;
-      const int64_t j0 = lo + (t % ch.blocks_per_row) * kBlock;
-      const int nb = static_cast<int>(std::min<int64_t>(kBlock, hi - j0));
-      if (t + kPrefetchBlocks < ch.t_end) {
-        const int64_t pb = block_base(ch, lo, N, t + kPrefetchBlocks) * H;
-        prefetch_rows(ctx.h + pb, kBlock * H, false);
-        prefetch_rows(ctx.c + pb, kBlock * H, false);
-        if (!kStreamsRows<T, HC, VB>) {
-          prefetch_rows(ctx.h_new + pb, kBlock * H, true);
-          prefetch_rows(ctx.c_new + pb, kBlock * H, true);
-        }
-      }
-      block_forward<T, HC, VB>(ctx, ch.k, s, j0, nb, sc);
-      const int64_t base = s * N + j0;
-      for (int b = 0; b < nb; ++b) {
+      const BlockAt at = enter_block<T, HC, VB>(ctx, ch, t, {ctx.h, ctx.c}, {ctx.h_new, ctx.c_new});
+      block_forward<T, HC, VB>(ctx, ch.k, at.s, at.j0, at.nb, sc);
+      const int64_t base = at.s * N + at.j0;
+      for (int b = 0; b < at.nb; ++b) {
         ctx.theta_new[base + b] = sc.beta[b] * sc.th[b] - sc.alpha[b] * sc.g[b];
         ctx.alpha_out[base + b] = sc.alpha[b];
         ctx.beta_out[base + b] = sc.beta[b];
       }
-      store_rows<T, HC, VB>(sc.h_new, ctx.h_new + base * H, H, nb);
-      store_rows<T, HC, VB>(sc.c_new, ctx.c_new + base * H, H, nb);
+      store_rows<T, HC, VB>(sc.h_new, ctx.h_new + base * H, H, at.nb);
+      store_rows<T, HC, VB>(sc.c_new, ctx.c_new + base * H, H, at.nb);
     }
   }
   streamed_rows_fence<T, HC, VB>();
@@ -547,7 +560,7 @@ S2META_INLINE void block_backward(const Ctx<T>& ctx, int64_t k, int64_t s, int64
 template <typename T, int HC, int VB>
 S2META_INLINE void backward_range(const Ctx<T>& ctx, int64_t chunk_begin, int64_t chunk_end) {
   Scratch<T> sc(ctx.d.H, ctx.padded_features);
-  const int64_t H = HC ? HC : ctx.d.H, N = ctx.d.N;
+  const int64_t H = HC ? HC : ctx.d.H;
   const int64_t F = lstm::kFeatures + H, FP = ctx.padded_features;
   for (int b = 0; b < kBlock; ++b) {
     T* row = sc.in_t + b * FP;
@@ -556,28 +569,15 @@ S2META_INLINE void backward_range(const Ctx<T>& ctx, int64_t chunk_begin, int64_
   }
   for (int64_t ci = chunk_begin; ci < chunk_end; ++ci) {
     const Chunk& ch = ctx.chunks[ci];
-    const int64_t lo = ctx.offsets[ch.k], hi = ctx.offsets[ch.k + 1];
     T* partial = ctx.partials + ci * ctx.partial_stride;
     std::fill(partial, partial + ctx.partial_stride, T(0));  // here, not up front: it stays in cache
     const int64_t small_rows = 4 * H + 2;
     std::fill(sc.lane_sums, sc.lane_sums + small_rows * kBlock, T(0));
     for (int64_t t = ch.t_begin; t < ch.t_end; ++t) {
-      const int64_t s = t / ch.blocks_per_row;
-      const int64_t j0 = lo + (t % ch.blocks_per_row) * kBlock;
-      const int nb = static_cast<int>(std::min<int64_t>(kBlock, hi - j0));
-      if (t + kPrefetchBlocks < ch.t_end) {
-        const int64_t pb = block_base(ch, lo, N, t + kPrefetchBlocks) * H;
-        prefetch_rows(ctx.h + pb, kBlock * H, false);
-        prefetch_rows(ctx.c + pb, kBlock * H, false);
-        prefetch_rows(ctx.d_h_new + pb, kBlock * H, false);
-        prefetch_rows(ctx.d_c_new + pb, kBlock * H, false);
-        if (!kStreamsRows<T, HC, VB>) {
-          prefetch_rows(ctx.d_h + pb, kBlock * H, true);
-          prefetch_rows(ctx.d_c + pb, kBlock * H, true);
-        }
-      }
-      block_forward<T, HC, VB>(ctx, ch.k, s, j0, nb, sc);
-      block_backward<T, HC, VB>(ctx, ch.k, s, j0, nb, sc, partial);
+      const BlockAt at =
+          enter_block<T, HC, VB>(ctx, ch, t, {ctx.h, ctx.c, ctx.d_h_new, ctx.d_c_new}, {ctx.d_h, ctx.d_c});
+      block_forward<T, HC, VB>(ctx, ch.k, at.s, at.j0, at.nb, sc);
+      block_backward<T, HC, VB>(ctx, ch.k, at.s, at.j0, at.nb, sc, partial);
     }
     T* tail = partial + 4 * H * FP;  // G * FP: where the small weights' gradients start
     for (int64_t row = 0; row < small_rows; ++row) {
