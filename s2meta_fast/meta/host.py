@@ -5,7 +5,7 @@ measured on the 2-core dev VM at B = 8 (docs/performance.md):
 
 - glibc gives the heap's freed top back to the kernel once it exceeds a small threshold. A
   meta-step saves a few hundred MB of controller states for its backward and frees them at the
-  end, so every step faulted ~10,000 pages back in (10-20 ms of system time a step).
+  end, so every step faulted 6,000-10,000 pages back in (9-20 ms of system time a step).
   Blocks above the mmap threshold (at most 32 MiB: B = 64's states are 45 MB each) get a fresh
   mapping every time, faulted in page by page: B = 64 ran at half B = 8's scenarios/s.
   `keep_freed_memory` serves every block from the heap (no mmap) and raises the trim threshold to
@@ -56,15 +56,26 @@ def keep_freed_memory() -> bool:
     return _kept
 
 
+_freeze_depth = 0
+
+
 @contextlib.contextmanager
 def frozen_gc() -> Iterator[None]:
-    """Within the block, full collections skip every object that was alive on entry."""
-    gc.collect()
-    gc.freeze()
+    """Within the block, full collections skip every object that was alive on entry.
+
+    Nested blocks share the outermost one's freeze (``gc.unfreeze`` releases everything at once).
+    """
+    global _freeze_depth
+    if _freeze_depth == 0:
+        gc.collect()
+        gc.freeze()
+    _freeze_depth += 1
     try:
         yield
     finally:
-        gc.unfreeze()
+        _freeze_depth -= 1
+        if _freeze_depth == 0:
+            gc.unfreeze()
 
 
 @contextlib.contextmanager
