@@ -1,12 +1,6 @@
 import pytest
-import torch
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    """Our tensors are tiny: intra-op threads only add OpenMP wake-ups, which on a shared 2-core
-    machine cost 10-100x the work. Restored after each test so other suites keep their setting."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def _tiny_tensors_one_thread(one_thread):
+    """Every test here runs on one intra-op thread (python_tests/conftest.py says why)."""

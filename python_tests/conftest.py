@@ -1,0 +1,12 @@
+import pytest
+import torch
+
+
+@pytest.fixture
+def one_thread():
+    """Our tensors are tiny: intra-op threads only add OpenMP wake-ups, which on a shared 2-core
+    machine cost 10-100x the work. Restored after each test so other suites keep their setting."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
