@@ -86,7 +86,9 @@ def test_interrupted_run_resumes_to_the_same_result(dataset, straight_run, tmp_p
     assert cli.main(["run", *dataset, *TINY, "--out", out]) == cli.EXIT_INTERRUPTED
     assert "--resume" in capsys.readouterr().err
     assert not os.path.exists(os.path.join(out, "results.json"))
-    assert trainer_mod.checkpoint.load(os.path.join(out, "checkpoint.pt"))["step"] == 1
+    # the interrupted run waits in the staging area; nothing was committed to the run folder
+    assert sorted(os.listdir(out)) == [".staging"]
+    assert trainer_mod.checkpoint.load(os.path.join(out, ".staging", "checkpoint.pt"))["step"] == 1
     monkeypatch.setattr(trainer_mod.MetaTrainer, "_periodic", periodic)
 
     assert cli.main(["run", *dataset, *TINY, "--out", out, "--resume"]) == 0
@@ -135,7 +137,7 @@ def test_bad_choice_lists_valid_ones(capsys):
 
 def test_missing_data_folder_names_the_files(tmp_path, capsys):
     code = cli.main(["prepare", "--dataset", "ml20m", "--data-dir", str(tmp_path / "absent"), "--quiet"])
-    assert code == cli.EXIT_FAILURE
+    assert code == cli.EXIT_USAGE
     err = capsys.readouterr().err
     assert "ratings.csv" in err and "absent" in err
 

@@ -7,7 +7,9 @@ start from the run folder's own config.yaml, so they need no flags beyond the fo
 from __future__ import annotations
 
 import argparse
+import contextlib
 import difflib
+import json
 import logging
 import os
 import signal
@@ -15,10 +17,11 @@ import sys
 import threading
 import time
 import typing
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, Iterator, List, Optional, Sequence
 
 from . import config as config_mod
 from .config import CHOICES, OPTIONS, Config, ConfigError, section_fields
+from .errors import CheckpointError, S2MetaError
 
 log = logging.getLogger("s2meta_fast")
 
@@ -177,36 +180,75 @@ def cmd_prepare(cfg: Config, args: argparse.Namespace) -> None:
     print(prepared.summary())
 
 
+@contextlib.contextmanager
+def _run_folder(cfg: Config, carry: bool = False) -> Iterator[Config]:
+    """--out as a transaction (s2meta_fast.runfolder): yields the config of the staged run, whose
+    files replace the previous run's only when the body returns."""
+    from .eval.results import atomic_write_text
+    from .runfolder import RunFolder
+
+    with RunFolder(cfg.run.out, resume=cfg.run.resume, carry=carry) as folder:
+        if cfg.run.resume and not folder.has_run():
+            raise ConfigError(f"--resume: {cfg.run.out!r} holds no run to resume (no config.yaml); "
+                              f"drop --resume to start one")
+        yield cfg.replace(out=folder.staging)
+        # The staged files name the staging folder as `out`; the committed run names its own.
+        for name in ("config.yaml", "results.json"):
+            path = os.path.join(folder.staging, name)
+            if not os.path.exists(path):
+                continue
+            if name == "config.yaml":
+                atomic_write_text(path, cfg.to_yaml())
+            else:
+                with open(path, encoding="utf-8") as fh:
+                    doc = json.load(fh)
+                if isinstance(doc.get("config"), dict):
+                    doc["config"] = cfg.to_dict()
+                atomic_write_text(path, json.dumps(doc, indent=2) + "\n")
+        folder.commit()
+
+
 def cmd_train(cfg: Config, args: argparse.Namespace) -> None:
     from .eval.pipeline import check_run_folder, prepare_data, train_meta
-    check_run_folder(cfg)
-    train_meta(cfg, prepare_data(cfg))
+    prepared = prepare_data(cfg)   # bad data fails here, before --out is touched
+    with _run_folder(cfg) as staged:
+        check_run_folder(staged)
+        train_meta(staged, prepared)
 
 
 def cmd_evaluate(cfg: Config, args: argparse.Namespace) -> None:
     from .eval.pipeline import clear_results, evaluate_methods, load_learner, prepare_data
-    if not cfg.run.resume:
-        clear_results(cfg.run.out)
+    if args.checkpoint is not None and not os.path.isfile(args.checkpoint):
+        raise CheckpointError(f"--checkpoint {args.checkpoint}: no such file")
+    if args.checkpoint is None and "s2meta" in cfg.eval.methods and not any(
+            os.path.isfile(os.path.join(cfg.run.out, folder, name))
+            for folder in ("", ".staging") for name in ("best.pt", "checkpoint.pt")):
+        raise CheckpointError(f"no trained meta learner in {cfg.run.out!r} (best.pt or checkpoint.pt); "
+                              f"run `s2meta train --out {cfg.run.out}` first")
     prepared = prepare_data(cfg)
-    learner = None
-    if "s2meta" in cfg.eval.methods:
-        learner = load_learner(cfg, prepared, args.checkpoint).to(cfg.run.device)
-    evaluate_methods(cfg, prepared, learner)
+    with _run_folder(cfg, carry=True) as staged:
+        if not cfg.run.resume:
+            clear_results(staged.run.out)
+        learner = None
+        if "s2meta" in cfg.eval.methods:
+            learner = load_learner(staged, prepared, args.checkpoint).to(cfg.run.device)
+        evaluate_methods(staged, prepared, learner)
     _print_table(cfg.run.out)
 
 
 def cmd_run(cfg: Config, args: argparse.Namespace) -> None:
     from .eval.pipeline import check_run_folder, evaluate_methods, prepare_data, train_meta
-    check_run_folder(cfg)
     start = time.perf_counter()
-    prepared = prepare_data(cfg)
+    prepared = prepare_data(cfg)   # bad data fails here, before --out is touched
     seconds = {"prepare_s": time.perf_counter() - start}
-    learner = None
-    if "s2meta" in cfg.eval.methods:
-        # on --resume this is the time of the resumed part only
-        learner = train_meta(cfg, prepared).to(cfg.run.device)
-        seconds["meta_train_s"] = time.perf_counter() - start - seconds["prepare_s"]
-    evaluate_methods(cfg, prepared, learner, seconds)
+    with _run_folder(cfg) as staged:
+        check_run_folder(staged)
+        learner = None
+        if "s2meta" in cfg.eval.methods:
+            # on --resume this is the time of the resumed part only
+            learner = train_meta(staged, prepared).to(cfg.run.device)
+            seconds["meta_train_s"] = time.perf_counter() - start - seconds["prepare_s"]
+        evaluate_methods(staged, prepared, learner, seconds)
     log.info("run finished in %.1f s", time.perf_counter() - start)
     _print_table(cfg.run.out)
 
@@ -290,8 +332,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print("s2meta: interrupted; checkpoints and finished stages in the run folder are intact: "
               "rerun the same command with --resume to continue", file=sys.stderr)
         return EXIT_INTERRUPTED
-    except (ConfigError, UsageError) as error:
-        print(f"s2meta {args.command}: error: {error}", file=sys.stderr)
+    except (S2MetaError, UsageError) as error:
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+        print(f"s2meta {args.command}: error: {'; '.join(lines) or type(error).__name__}", file=sys.stderr)
         return EXIT_USAGE
     except errors as error:
         message = error.args[0] if isinstance(error, KeyError) and error.args else error

@@ -26,6 +26,7 @@ from typing import Any, Dict, Mapping, Optional, Tuple
 
 import yaml
 
+from .errors import ConfigError
 from .meta.meta_config import INIT_MODES, STOP_MODES, UPDATE_MODES, MetaConfig
 from .meta.trainer import OPTIMIZERS
 from .meta.trainer import TrainConfig as TrainerConfig
@@ -256,10 +257,6 @@ class Config:
     def replace(self, **options: Any) -> "Config":
         """A copy with options (by name, any section) changed and re-validated."""
         return build_config(self.to_dict(), options)
-
-
-class ConfigError(ValueError):
-    """A config file or option is invalid; the message says what was expected."""
 
 
 def _valid_keys_text() -> str:

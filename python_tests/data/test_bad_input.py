@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 
-from s2meta_fast.data import DataFileError, DataFormatError, prepare
+from s2meta_fast.data import DataFileError, DataFormatError, EmptyDataError, prepare
 from s2meta_fast.data.amazon import load_amazon
 from s2meta_fast.data.movielens import load_ml20m, load_ml100k
 from s2meta_fast.data.taobao import load_taobao
@@ -136,13 +136,45 @@ def test_taobao_bad_embedding_row(synthetic_dirs, tmp_path):
 def test_small_scenarios_skipped_and_counted(synthetic_dirs, tmp_path, caplog):
     folder, m = synthetic_dirs["ml20m"]
     with caplog.at_level(logging.INFO, logger="s2meta_fast.data"):
-        d = prepare("ml20m", folder, cache_dir=str(tmp_path), **{**SMALL, "min_items": 42})
+        d = prepare("ml20m", folder, cache_dir=str(tmp_path), **{**SMALL, "min_items": 30, "heldout_user_frac": 0})
     n_skip = d.stats["scenarios_skipped"]["too_few_items"]
     assert n_skip > 0 and sum(d.stats["scenarios_skipped"].values()) == n_skip
     assert d.stats["n_scenarios_skipped"] + len(d.scenarios()) == m["n_tags"]
-    assert all(s.n_items >= 42 for s in d.scenarios())
+    assert all(s.n_items >= 30 for s in d.scenarios())
     assert f"{n_skip} skipped (too_few_items={n_skip}," in caplog.text
-    with caplog.at_level(logging.INFO, logger="s2meta_fast.data"):
-        d = prepare("ml20m", folder, cache_dir=str(tmp_path), min_eval=100_000,
-                    **{k: v for k, v in SMALL.items()})
-    assert len(d.scenarios()) == 0 and d.stats["scenarios_skipped"]["too_few_interactions"] == m["n_tags"]
+
+
+@pytest.mark.parametrize("settings,counts", [
+    ({"min_items": 420}, "12 have fewer than min_items=420 items"),
+    ({"min_eval": 100_000}, "12 fewer than 100064 interactions"),
+])
+def test_a_filter_that_leaves_no_scenario_is_named(synthetic_dirs, tmp_path, settings, counts):
+    folder, m = synthetic_dirs["ml20m"]
+    with pytest.raises(EmptyDataError) as exc:
+        prepare("ml20m", folder, cache_dir=str(tmp_path), **{**SMALL, "max_items": 1000, **settings})
+    msg = str(exc.value)
+    assert "no scenario passes the filter" in msg and f"of {m['n_tags']} candidate scenarios" in msg
+    assert counts in msg and folder in msg
+
+
+def test_header_only_ratings_name_the_file(synthetic_dirs, tmp_path):
+    d = _copy(synthetic_dirs["ml20m"][0], tmp_path)
+    (d / "ratings.csv").write_text("userId,movieId,rating,timestamp\n")
+    with pytest.raises(EmptyDataError, match=r"ratings.csv: no data rows after the header"):
+        load_ml20m(str(d))
+    (d / "ratings.csv").write_text("")
+    with pytest.raises(DataFormatError, match=r"ratings.csv: line 1 \(header\) lacks"):
+        load_ml20m(str(d))
+
+
+def test_filters_that_empty_a_loader_name_file_and_filter(synthetic_dirs, tmp_path):
+    d = _copy(synthetic_dirs["amazon"][0], tmp_path)
+    with pytest.raises(EmptyDataError, match=r"no rating >= min_rating=9.0 in ratings_"):
+        load_amazon(str(d), min_rating=9.0)
+    d = _copy(synthetic_dirs["ml20m"][0], tmp_path, "ml")
+    with pytest.raises(EmptyDataError, match=r"genome-scores.csv: no \(movie, tag\) pair has relevance > 1.5"):
+        load_ml20m(str(d), relevance=1.5)
+    d = _copy(synthetic_dirs["taobao"][0], tmp_path, "tb")
+    (d / "theme_item_pool.csv").write_text("theme_id,item_id\n999999,999999\n")
+    with pytest.raises(EmptyDataError, match=r"theme_click_log.csv: none of its \d+ clicks"):
+        load_taobao(str(d))

@@ -8,7 +8,7 @@
 
 See docs/data.md for every dataset's scenario definition and thresholds.
 """
-from .errors import DataFileError, DataFormatError, UnknownDatasetError
+from .errors import DataFileError, DataFormatError, EmptyDataError, UnknownDatasetError
 from .prepared import PreparedData, Scenario, load_prepared, save_prepared
 from .registry import DATASETS, DatasetSpec, available_datasets, prepare
 from .scenarios import QUERY_SIZE, SUPPORT_SIZE, RawData
@@ -17,5 +17,5 @@ from .tasks import EvalTask, TaskBatch, TaskSampler, support_batch
 __all__ = [
     "prepare", "available_datasets", "DATASETS", "DatasetSpec", "PreparedData", "Scenario", "RawData",
     "TaskSampler", "TaskBatch", "EvalTask", "support_batch", "SUPPORT_SIZE", "QUERY_SIZE",
-    "DataFileError", "DataFormatError", "UnknownDatasetError", "load_prepared", "save_prepared",
+    "DataFileError", "DataFormatError", "EmptyDataError", "UnknownDatasetError", "load_prepared", "save_prepared",
 ]

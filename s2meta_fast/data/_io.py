@@ -13,7 +13,7 @@ from typing import Callable, Dict, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-from .errors import DataFileError, DataFormatError
+from .errors import DataFileError, DataFormatError, EmptyDataError
 
 _CHUNK = 1_000_000
 
@@ -130,29 +130,54 @@ def read_table(path: str, columns: Sequence[str], dtypes: Mapping[str, object], 
     if header:
         # dtype keys must match the file's own (possibly annotated) names.
         typed = {p: dtypes[b] for p, b in zip(present, bare) if b in columns and b in dtypes}
+    n_rows = 0
     try:
         if chunk_filter is None:
             df = _bare(pd.read_csv(path, dtype=typed, **kw), rename)
+            _check_columns(path, df, columns)
             _check_finite(path, df, dtypes, header_lines)
+            n_rows = len(df)
         else:
             parts, base = [], header_lines
             for chunk in pd.read_csv(path, dtype=typed, chunksize=_CHUNK, **kw):
                 chunk = _bare(chunk, rename)
+                _check_columns(path, chunk, columns)
                 _check_finite(path, chunk, dtypes, base)
                 base += len(chunk)
+                n_rows += len(chunk)
                 parts.append(chunk_filter(chunk))
             df = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=list(columns))
     except DataFormatError:
         raise
+    except pd.errors.EmptyDataError:
+        raise EmptyDataError(f"{path}: the file is empty; expected rows with the columns {', '.join(columns)}") \
+            from None
     except pd.errors.ParserError as exc:
-        raise DataFormatError(f"{path}: malformed row: {exc}") from None
+        raise DataFormatError(f"{path}: malformed row: {_one_line(exc)}") from None
     except (ValueError, TypeError, OverflowError) as exc:
-        line, col, text = _first_bad_row(path, kw, rename, dtypes, header_lines)
+        try:
+            line, col, text = _first_bad_row(path, kw, rename, dtypes, header_lines)
+        except (ValueError, TypeError, OverflowError, pd.errors.ParserError):
+            line = -1
         if line < 0:
-            raise DataFormatError(f"{path}: cannot parse: {exc}") from None
+            raise DataFormatError(f"{path}: cannot parse: {_one_line(exc)}") from None
         raise DataFormatError(f"{path}: line {line}: column {col!r} has {text!r}, "
                               f"expected {np.dtype(dtypes[col]).name}") from None
+    if n_rows == 0:
+        raise EmptyDataError(f"{path}: no data rows{' after the header' if header else ''}; expected rows with "
+                             f"the columns {', '.join(columns)}")
     return df if chunk_filter is not None else df[list(columns)]
+
+
+def _check_columns(path: str, df: pd.DataFrame, columns: Sequence[str]) -> None:
+    missing = [c for c in columns if c not in df.columns]
+    if missing:  # a header the quick check above read differently from the CSV parser (quotes)
+        raise DataFormatError(f"{path}: line 1 (header): cannot find column(s) {', '.join(missing)}")
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return " ".join(text.split()) if text else type(exc).__name__
 
 
 def check_field_counts(path: str, sep: str, n_fields: int, header_lines: int, block: int = 1 << 24) -> None:

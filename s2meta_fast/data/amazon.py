@@ -8,12 +8,13 @@ import json
 import logging
 import os
 import re
+import zlib
 
 import numpy as np
 import pandas as pd
 
 from ._io import read_table, require_dir
-from .errors import DataFileError, DataFormatError
+from .errors import DataFileError, DataFormatError, EmptyDataError
 from .scenarios import RawData, unique_pairs
 
 log = logging.getLogger(__name__)
@@ -40,6 +41,10 @@ def normalise_category(name: str) -> str:
     return re.sub(r"[^a-z0-9]", "", name.lower().replace("&", "and"))
 
 
+# What literal_eval raises on text that is no literal: bad syntax, an unhashable key, nesting
+# deeper than the parser's stack.
+_LITERAL_ERRORS = (ValueError, SyntaxError, TypeError, MemoryError, RecursionError)
+
 _ASIN = re.compile(r"""['"]asin['"]\s*:\s*['"]([^'"]+)['"]""")
 _CATS = re.compile(r"""['"]categories['"]\s*:\s*(\[\[.*?\]\])""")
 
@@ -53,14 +58,14 @@ def _parse_meta_line(line: str, path: str, lineno: int):
             cats = ast.literal_eval(m_c.group(1))
             if isinstance(cats, list) and all(isinstance(p, list) for p in cats):
                 return m_a.group(1), cats
-        except (ValueError, SyntaxError):
+        except _LITERAL_ERRORS:
             pass
     try:
         obj = ast.literal_eval(line)
-    except (ValueError, SyntaxError):
+    except _LITERAL_ERRORS:
         try:
             obj = json.loads(line)
-        except ValueError:
+        except (ValueError, RecursionError):
             raise DataFormatError(f"{path}: line {lineno}: not a Python dict literal") from None
     if not isinstance(obj, dict) or "asin" not in obj:
         raise DataFormatError(f"{path}: line {lineno}: expected a dict with an 'asin' key")
@@ -81,7 +86,7 @@ def read_meta(path: str) -> dict[str, list[list[str]]]:
                     continue
                 asin, cats = _parse_meta_line(line, path, lineno)
                 out.setdefault(asin, []).extend([str(c) for c in p] for p in cats if len(p) > 0)
-    except (OSError, EOFError, UnicodeDecodeError) as exc:
+    except (OSError, EOFError, UnicodeDecodeError, zlib.error) as exc:
         raise DataFormatError(f"{path}: cannot read: {exc}") from None
     return out
 
@@ -125,8 +130,15 @@ def load_amazon(data_dir: str, *, categories: dict[str, list[str]] | None = None
             meta.setdefault(asin, []).extend(cats)
     pos = pd.concat(frames, ignore_index=True)
     n_positive = len(pos)
+    names = ", ".join(os.path.basename(f) for f in rating_files)
+    if n_positive == 0:
+        raise EmptyDataError(f"amazon: no rating >= min_rating={min_rating} in {names} ({folder}): "
+                             f"no interaction is left")
     has_meta = pos["item"].isin(meta.keys()).to_numpy()
     pos = pos[has_meta]
+    if len(pos) == 0:
+        raise EmptyDataError(f"amazon: none of the {n_positive} positive ratings in {names} ({folder}) is of an "
+                             f"item listed in its meta_<Category>.json.gz: no interaction is left")
 
     user_ids, u = np.unique(pos["user"].to_numpy(), return_inverse=True)
     item_ids, i = np.unique(pos["item"].to_numpy(), return_inverse=True)

@@ -15,6 +15,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from . import cache
+from .errors import EmptyDataError
 from .prepared import atomic_write
 
 log = logging.getLogger(__name__)
@@ -98,16 +100,29 @@ def mf_embeddings(users: np.ndarray, items: np.ndarray, n_users: int, n_items: i
                   **params) -> tuple[np.ndarray, np.ndarray]:
     """train_bpr behind a disk cache keyed by the dataset, the training pairs and every parameter."""
     key = _fingerprint(users, items, n_users, n_items, params)
-    path = os.path.join(cache_dir or default_cache_dir(), "embeddings", f"{dataset}-bpr-{key}.npz")
-    if use_cache and os.path.isfile(path):
-        with np.load(path, allow_pickle=False) as z:
-            log.info("embeddings: loaded from cache %s", path)
-            return z["user_emb"], z["item_emb"]
+    root = cache_dir or default_cache_dir()
+    path = os.path.join(root, "embeddings", f"{dataset}-bpr-{key}.npz")
+    use_cache = cache.usable(root, use_cache)
+    dim = params.get("dim", 64)
+
+    def read(entry: str) -> tuple[np.ndarray, np.ndarray]:
+        with np.load(entry, allow_pickle=False) as z:
+            U, V = z["user_emb"], z["item_emb"]
+        if U.shape != (n_users, dim) or V.shape != (n_items, dim):
+            raise ValueError(f"shapes {U.shape}, {V.shape}, expected {(n_users, dim)}, {(n_items, dim)}")
+        return U, V
+
+    cached = cache.read_entry(path, read, "embeddings") if use_cache else None
+    if cached is not None:
+        log.info("embeddings: loaded from cache %s", path)
+        return cached
+    if users.size == 0:
+        raise EmptyDataError(f"{dataset}: no interaction is left to train the embeddings on (the source domain "
+                             f"and the scenario-only users' interactions are empty)")
     U, V = train_bpr(users, items, n_users, n_items, progress=progress, **params)
     if use_cache:
         def write(tmp: str) -> None:
             with open(tmp, "wb") as fh:
                 np.savez(fh, user_emb=U, item_emb=V)
-        atomic_write(path, write)
-        log.info("embeddings: cached at %s", path)
+        cache.write_entry(path, lambda p: atomic_write(p, write), "embeddings")
     return U, V

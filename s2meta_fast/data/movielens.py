@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 
 from ._io import read_table, require_dir, require_files
-from .errors import DataFileError
+from .errors import DataFileError, EmptyDataError
 from .scenarios import RawData
 
 log = logging.getLogger(__name__)
@@ -152,6 +152,9 @@ def load_ml20m(data_dir: str, *, relevance: float = 0.8, **_unused) -> RawData:
     for grp in np.split(order, bounds) if order.size else []:
         tid = int(tag_col[grp[0]])
         tags[tag_name.get(tid, f"tag{tid}")] = np.unique(s_item[grp])
+    if not tags:
+        raise EmptyDataError(f"{path['genome-scores.csv']}: no (movie, tag) pair has relevance > {relevance} "
+                             f"for a movie in {path['movies.csv']} or {path['ratings.csv']}: no scenario can be built")
     tagged = np.zeros(len(item_ids), bool)
     if s_item.size:
         tagged[s_item] = True

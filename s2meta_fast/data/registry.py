@@ -10,7 +10,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-from . import amazon, movielens, taobao
+from . import amazon, cache, movielens, taobao
 from .embeddings import default_cache_dir
 from .errors import UnknownDatasetError
 from .prepared import PreparedData, load_prepared, save_prepared
@@ -118,16 +118,18 @@ def prepare(name: str = "ml100k", data_dir: str | os.PathLike | None = None, *, 
     if params["min_items"] > params["max_items"]:
         raise ValueError(f"min_items ({params['min_items']}) > max_items ({params['max_items']})")
     cache_root = cache_dir or default_cache_dir()
+    use_cache = cache.usable(cache_root, use_cache)
     key = hashlib.sha1(json.dumps({"v": DATA_VERSION, "p": params, "files": _fingerprint_dir(data_dir)},
                                   sort_keys=True, default=str).encode()).hexdigest()[:20]
     path = os.path.join(cache_root, "prepared", f"{name}-{key}.npz")
-    if use_cache and os.path.isfile(path):
-        t0 = time.perf_counter()
-        data = load_prepared(path)
+    t0 = time.perf_counter()
+    data = cache.read_entry(path, load_prepared, "prepared-data") if use_cache else None
+    if data is not None:
         log.info("%s: prepared data loaded from cache %s (%.2fs)", name, path, time.perf_counter() - t0)
         return data
     t0 = time.perf_counter()
     raw = spec.loader(data_dir, **loader_kw)
+    raw.source = raw.source or (data_dir or "")
     log.info("%s: raw files read (%.2fs): %s", name, time.perf_counter() - t0,
              ", ".join(f"{k}={v}" for k, v in raw.stats.items()))
     data = build(raw, min_items=params["min_items"], max_items=params["max_items"], min_eval=params["min_eval"],
@@ -140,6 +142,5 @@ def prepare(name: str = "ml100k", data_dir: str | os.PathLike | None = None, *, 
     data.params = params
     log.info("%s: prepared in %.2fs\n%s", name, time.perf_counter() - t0, data.summary())
     if use_cache:
-        save_prepared(data, path)
-        log.info("%s: prepared data cached at %s", name, path)
+        cache.write_entry(path, lambda p: save_prepared(data, p), "prepared-data")
     return data

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from .embeddings import mf_embeddings
+from .errors import EmptyDataError
 from .prepared import PreparedData, Scenario
 
 log = logging.getLogger(__name__)
@@ -47,6 +48,7 @@ class RawData:
     given_user_mask: np.ndarray | None = None
     given_item_mask: np.ndarray | None = None
     stats: dict = field(default_factory=dict)
+    source: str = ""        # where the raw files are, for messages about what the filters left
 
 
 def unique_pairs(users: np.ndarray, items: np.ndarray, n_items: int) -> tuple[np.ndarray, np.ndarray]:
@@ -244,6 +246,14 @@ def build(raw: RawData, *, min_items: int, max_items: int, min_eval: int = QUERY
             u, i = _gather(indptr, vals, tag_items)
             consider(name, u, i)
 
+    where = f"{raw.name} ({raw.source})" if raw.source else raw.name
+    if not scens:
+        n_candidates = sum(skipped.values())
+        raise EmptyDataError(
+            f"{where}: no scenario passes the filter: of {n_candidates} candidate scenarios, "
+            f"{skipped['too_few_items']} have fewer than min_items={min_items} items, {skipped['too_many_items']} "
+            f"more than max_items={max_items}, {skipped['too_few_interactions']} fewer than {min_pairs} "
+            f"interactions ({SUPPORT_SIZE} support + {min_eval} evaluation); lower --min-items or raise --max-items")
     scens, n_dupes = _dedupe_by_jaccard(scens, dedupe_jaccard, n_items) if dedupe_jaccard else (scens, 0)
     total_skipped = sum(skipped.values())
     log.info("%s: %d scenarios pass the filter; %d skipped (%s) for items outside [%d, %d] or fewer than %d "
@@ -267,6 +277,15 @@ def build(raw: RawData, *, min_items: int, max_items: int, min_eval: int = QUERY
                  int((group == 2).sum()), heldout_user_frac, after_split)
     log.info("%s: %d meta-train, %d meta-valid, %d meta-test scenarios", raw.name, len(splits["train"]),
              len(splits["valid"]), len(splits["test"]))
+    empty = [name for name in ("train", "test") if not splits[name]]
+    if empty:
+        held = (f"; holding out heldout_user_frac={heldout_user_frac} of the users left {after_split} scenarios "
+                f"below the thresholds" if after_split else "")
+        raise EmptyDataError(
+            f"{where}: no meta-{' or meta-'.join(empty)} scenario: {len(scens)} scenarios pass the filter "
+            f"(min_items={min_items}, max_items={max_items}, at least {min_pairs} interactions), split "
+            f"{len(splits['train'])} / {len(splits['valid'])} / {len(splits['test'])} into meta-train / "
+            f"meta-valid / meta-test{held}; lower --min-items or raise --max-items")
     stats = dict(raw.stats)
     stats.update({
         "n_users": n_users, "n_items": n_items,

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 
 from ._io import read_table, require_file, require_files
-from .errors import DataFormatError
+from .errors import DataFormatError, EmptyDataError
 from .scenarios import RawData
 
 log = logging.getLogger(__name__)
@@ -121,6 +121,9 @@ def load_taobao(data_dir: str, **_unused) -> RawData:
     n_outside = int((~in_pool).sum())
     if n_outside:
         log.info("taobao: %d clicks on items outside their theme's item pool dropped", n_outside)
+    if n_outside == len(clicks):
+        raise EmptyDataError(f"{p['theme_click_log.csv']}: none of its {len(clicks)} clicks is on an item of the "
+                             f"click's theme in {p['theme_item_pool.csv']}: no scenario can be built")
     cu, ci, theme = cu[in_pool], ci[in_pool], theme[in_pool]
     order = np.argsort(theme, kind="stable")
     bounds = np.flatnonzero(np.diff(theme[order])) + 1

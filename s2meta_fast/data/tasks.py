@@ -13,6 +13,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from .errors import EmptyDataError
 from .prepared import PreparedData, Scenario
 from .scenarios import QUERY_SIZE, SUPPORT_SIZE
 
@@ -153,8 +154,8 @@ class TaskSampler:
                 except KeyError:
                     raise KeyError(f"unknown scenario {sc!r}") from None
             if sc.n_interactions < self.support_size + 1:
-                raise ValueError(f"scenario {sc.name!r} has {sc.n_interactions} interactions; a task needs "
-                                 f"{self.support_size} support pairs plus evaluation")
+                raise EmptyDataError(f"scenario {sc.name!r} has {sc.n_interactions} interactions; a task needs "
+                                     f"{self.support_size} support pairs plus evaluation")
             idx = self._cache[name] = _Index(sc)
         return idx
 

@@ -25,6 +25,7 @@ import yaml
 
 from .. import _extension
 from ..config import Config, ConfigError, build_config
+from ..errors import CheckpointError
 from .baselines import (Finetune, FinetuneGrid, GlobalModel, GlobalTrainConfig, ItemPop, S2Meta,
                         global_item_counts, select_finetune, train_global)
 from .protocol import evaluate
@@ -33,7 +34,7 @@ from .results import atomic_write_text, build_results, write_results
 log = logging.getLogger("s2meta_fast")
 
 # Options that may change between an interrupted run and its resumption without changing results.
-RESUME_FREE = {"quiet", "resume", "device", "methods", "out"}
+RESUME_FREE = {"quiet", "resume", "device", "methods", "out", "keep_checkpoints"}
 
 
 # --------------------------------------------------------------------------------------------
@@ -157,8 +158,8 @@ def load_learner(cfg: Config, prepared: Any, checkpoint_path: Optional[str] = No
                 checkpoint_path = candidate
                 break
         else:
-            raise FileNotFoundError(f"no trained meta learner in {cfg.run.out!r} ({BEST} or {LAST}); "
-                                    f"run `s2meta train --out {cfg.run.out}` first")
+            raise CheckpointError(f"no trained meta learner in {cfg.run.out!r} ({BEST} or {LAST}); "
+                                  f"run `s2meta train --out {cfg.run.out}` first")
     state = load(checkpoint_path, map_location="cpu")
     learner = build_learner(cfg, prepared)
     learner.load_state_dict(state["learner"])

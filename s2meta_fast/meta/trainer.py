@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ..errors import CheckpointError
 from . import checkpoint
 from .graphs import GraphedInnerLoop
 from .host import training_host
@@ -42,6 +43,9 @@ class TrainConfig:
         grad_clip: gradient *value* clip (``clip_grad_value_``).
         meta_batch: B scenarios per meta-step; the meta-gradient is their mean.
         validate_every, checkpoint_every, log_every: in meta-steps; 0 disables.
+        keep_checkpoints: how many of the latest periodic checkpoints are kept (``checkpoint.pt``
+            newest, then ``checkpoint.1.pt``, ...), besides ``best.pt``; ``--resume`` falls back
+            through them when the newest is damaged.
         plateau_factor, plateau_patience, min_lr: ReduceLROnPlateau on the validation score (max).
         max_nonfinite: abort after this many non-finite meta-steps in a row.
         seed: seeds the torch generator of the inner loops' random draws.
@@ -60,6 +64,7 @@ class TrainConfig:
     validate_every: int = 500
     checkpoint_every: int = 500
     log_every: int = 100
+    keep_checkpoints: int = 2
     plateau_factor: float = 0.2
     plateau_patience: int = 2
     min_lr: float = 1e-6
@@ -74,7 +79,7 @@ class TrainConfig:
         for name in ("lr_init", "lr_update", "lr_stop", "sgd_lr", "grad_clip"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"TrainConfig: {name} must be positive, got {getattr(self, name)}")
-        for name in ("meta_batch", "max_nonfinite", "plateau_patience"):
+        for name in ("meta_batch", "max_nonfinite", "plateau_patience", "keep_checkpoints"):
             if not (isinstance(getattr(self, name), int) and getattr(self, name) >= 1):
                 raise ValueError(f"TrainConfig: {name} must be an int >= 1, got {getattr(self, name)!r}")
         for name in ("validate_every", "checkpoint_every", "log_every"):
@@ -182,7 +187,30 @@ class MetaTrainer:
         self.nonfinite_streak, self.history = state["nonfinite_streak"], list(state["history"])
 
     def save(self, name: str = LAST) -> Path:
+        if name == LAST:
+            return checkpoint.rotate_save(self.state_dict(), self.out_dir / name, self.cfg.keep_checkpoints)
         return checkpoint.save_atomic(self.state_dict(), self.out_dir / name)
+
+    def checkpoint_files(self) -> List[Path]:
+        """Every checkpoint this trainer may have written: the kept series, then ``best.pt``."""
+        return checkpoint.series(self.out_dir / LAST, self.cfg.keep_checkpoints) + [self.out_dir / BEST]
+
+    def _resume(self) -> None:
+        """Continues from the newest intact checkpoint, saying which damaged ones were passed over."""
+        files = self.checkpoint_files()
+        path, state, damaged = checkpoint.newest_intact(files, map_location="cpu")
+        if path is None and not damaged:
+            self._info("no checkpoint in %s; starting from scratch", self.out_dir)
+            return
+        if path is None:
+            raise CheckpointError(f"cannot resume: no intact checkpoint in {self.out_dir}: "
+                                  + "; ".join(reason for _, reason in damaged)
+                                  + ". Delete them to start over, or start a new run without --resume")
+        if damaged:
+            log.warning("%s; resuming from %s (meta-step %d), the newest intact checkpoint",
+                        "; ".join(reason for _, reason in damaged), path, state["step"])
+        self.load_state_dict(state)
+        self._info("resumed from %s at meta-step %d", path, self.step)
 
     # -- training -----------------------------------------------------------------------------
     def fit(self, meta_steps: int, resume: bool = False) -> Dict[str, Any]:
@@ -190,18 +218,15 @@ class MetaTrainer:
 
         Args:
             meta_steps: the total step count (a resumed run continues to the same total).
-            resume: continue from ``out_dir/checkpoint.pt`` when it exists.
+            resume: continue from the newest intact checkpoint in ``out_dir`` (the kept series and
+                ``best.pt``) when there is one; every one there damaged is a CheckpointError.
 
         Returns:
             ``{"step", "best_score", "history"}``.
         """
         cfg = self.cfg
-        last = self.out_dir / LAST
-        if resume and last.exists():
-            self.load_state_dict(checkpoint.load(last, map_location="cpu"))
-            self._info("resumed from %s at meta-step %d", last, self.step)
-        elif resume:
-            self._info("no checkpoint at %s; starting from scratch", last)
+        if resume:
+            self._resume()
         running: Dict[str, float] = {"loss": 0.0, "query": 0.0, "reinforce": 0.0, "steps": 0.0, "n": 0}
         params = [p for p in self.learner.parameters() if p.requires_grad]
         bar = tqdm(total=meta_steps, initial=self.step, disable=cfg.quiet, desc="meta-train", unit="step")
