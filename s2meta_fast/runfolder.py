@@ -9,8 +9,7 @@
   one-line :class:`RunFolderError`. The kernel drops the ``flock`` when its process dies, so a
   lock left by a killed run is stale: the next run takes it over and says so.
 - **Staging.** Every run writes into ``OUT/.staging``. A fresh run starts it empty; ``--resume``
-  continues an interrupted run found there or, when there is none, the committed run (its
-  files are hard-linked in, which is safe because every writer replaces files by rename). A run
+  continues an interrupted run found there or, when there is none, a copy of the committed run. A run
   that fails or is interrupted leaves the staging area for ``--resume`` and the previous results
   untouched.
 - **Commit.** The staged entries replace the previous run's files (:data:`RUN_FILES`, and any
@@ -164,18 +163,12 @@ def _remove(path: str) -> None:
         os.unlink(path)
 
 
-def _link_tree(src: str, dst: str) -> None:
-    """Copies a file or folder by hard links (a plain copy where links are not possible)."""
+def _copy(src: str, dst: str) -> None:
+    # Copies, not hard links: a writer that edited a file in place would otherwise edit the
+    # committed run too. A run folder's files are small (checkpoints of the meta learner, JSON).
     if os.path.isdir(src):
-        shutil.copytree(src, dst, copy_function=_link_or_copy)
+        shutil.copytree(src, dst)
     else:
-        _link_or_copy(src, dst)
-
-
-def _link_or_copy(src: str, dst: str) -> None:
-    try:
-        os.link(src, dst)
-    except OSError:
         shutil.copy2(src, dst)
 
 
@@ -249,7 +242,7 @@ class RunFolder:
         if self.resume or self.carry:
             # Resuming a committed run: start from its files; they stay untouched until the commit.
             for name in self.previous_files():
-                _link_tree(os.path.join(self.out, name), os.path.join(self.staging, name))
+                _copy(os.path.join(self.out, name), os.path.join(self.staging, name))
 
     def previous_files(self) -> List[str]:
         """The previous run's entries in OUT (what a commit replaces)."""

@@ -1,6 +1,7 @@
 """MetaTrainer: resume equals an uninterrupted run, non-finite steps, checkpoints, validation."""
 from __future__ import annotations
 
+import logging
 import os
 
 import numpy as np
@@ -9,6 +10,7 @@ import torch
 
 from planted_tasks import planted_batch, planted_world
 from s2meta_fast.meta import MetaConfig, MetaLearner
+from s2meta_fast.errors import CheckpointError
 from s2meta_fast.meta import checkpoint
 from s2meta_fast.meta.trainer import MetaTrainer, NonFiniteMetaLoss, TrainConfig, build_optimizer
 from s2meta_fast.models import build_model
@@ -134,3 +136,71 @@ def test_optimizers_follow_the_paper_and_the_code():
 def test_train_config_rejects_bad_values(changes, match):
     with pytest.raises(ValueError, match=match):
         TrainConfig(**changes)
+
+
+# -- checkpoint integrity ------------------------------------------------------------------------
+
+
+def _truncate(path, keep=0.5):
+    data = path.read_bytes()
+    path.write_bytes(data[:int(len(data) * keep)])
+
+
+def test_a_damaged_checkpoint_is_named_not_unpickled(tmp_path):
+    path = tmp_path / "c.pt"
+    checkpoint.save_atomic({"step": 3, "w": torch.arange(1000.0)}, path)
+    good = path.read_bytes()
+    _truncate(path)
+    with pytest.raises(CheckpointError, match=r"c.pt is damaged: checksum mismatch"):
+        checkpoint.load(path)
+    flipped = bytearray(good)
+    flipped[-100] ^= 0x01
+    path.write_bytes(bytes(flipped))
+    with pytest.raises(CheckpointError, match="checksum mismatch"):
+        checkpoint.load(path)
+    path.write_bytes(b"not a checkpoint at all")
+    with pytest.raises(CheckpointError, match="c.pt is damaged: unreadable"):
+        checkpoint.load(path)
+    with pytest.raises(CheckpointError, match="no checkpoint at"):
+        checkpoint.load(tmp_path / "absent.pt")
+    torch.save({"step": 1}, path)   # a checkpoint from before the checksum header still loads
+    assert checkpoint.load(path) == {"step": 1}
+
+
+def test_the_trainer_keeps_the_last_checkpoints_and_the_best(tmp_path):
+    trainer = make(tmp_path, checkpoint_every=1, validate_every=1, keep_checkpoints=2)
+    scores = iter([0.5, 0.1, 0.2, 0.3, 0.1])
+    trainer.validate = lambda learner: next(scores)
+    trainer.fit(5)
+    run = tmp_path / "run"
+    assert sorted(os.listdir(run)) == ["best.pt", "checkpoint.1.pt", "checkpoint.pt"]
+    assert [checkpoint.load(run / n)["step"] for n in ("checkpoint.pt", "checkpoint.1.pt", "best.pt")] == [5, 4, 1]
+
+
+def test_resume_falls_back_to_the_newest_intact_checkpoint(tmp_path, caplog):
+    straight = make(tmp_path / "a", checkpoint_every=1)
+    straight.fit(6)
+    interrupted = make(tmp_path / "b", checkpoint_every=1)
+    interrupted.sampler.fail_at = 5
+    with pytest.raises(KeyboardInterrupt):
+        interrupted.fit(6)
+    run = tmp_path / "b" / "run"
+    _truncate(run / "checkpoint.pt")   # step 4's; step 3's survives as checkpoint.1.pt
+    resumed = make(tmp_path / "b", seed=123, checkpoint_every=1)
+    with caplog.at_level(logging.WARNING):
+        resumed.fit(6, resume=True)
+    assert "checkpoint.pt is damaged" in caplog.text and "resuming from" in caplog.text
+    assert "checkpoint.1.pt (meta-step 3)" in caplog.text
+    assert_same_state(straight.learner.state_dict(), resumed.learner.state_dict())
+
+
+def test_resume_refuses_when_no_checkpoint_is_intact(tmp_path):
+    trainer = make(tmp_path, checkpoint_every=1)
+    trainer.fit(3)
+    run = tmp_path / "run"
+    for name in ("checkpoint.pt", "checkpoint.1.pt"):
+        _truncate(run / name, 0.3)
+    with pytest.raises(CheckpointError) as exc:
+        make(tmp_path).fit(5, resume=True)
+    msg = str(exc.value)
+    assert "no intact checkpoint" in msg and "checkpoint.pt is damaged" in msg and "checkpoint.1.pt is damaged" in msg

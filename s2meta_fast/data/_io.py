@@ -74,8 +74,13 @@ def _bare(df: pd.DataFrame, rename: dict) -> pd.DataFrame:
 def _first_bad_row(path: str, kw: dict, rename: dict, dtypes: Mapping[str, object],
                    header_lines: int) -> tuple[int, str, str]:
     """Returns (line number, column, offending text) of the first row that fails its dtype."""
+    with pd.read_csv(path, dtype=str, chunksize=_CHUNK, **kw) as reader:   # closed on an early return
+        return _scan_chunks(reader, rename, dtypes, header_lines)
+
+
+def _scan_chunks(reader, rename: dict, dtypes: Mapping[str, object], header_lines: int) -> tuple[int, str, str]:
     base = 0
-    for chunk in pd.read_csv(path, dtype=str, chunksize=_CHUNK, **kw):
+    for chunk in reader:
         chunk = _bare(chunk, rename)
         for col, dt in dtypes.items():
             if col not in chunk or not _is_numeric(dt):
@@ -139,13 +144,14 @@ def read_table(path: str, columns: Sequence[str], dtypes: Mapping[str, object], 
             n_rows = len(df)
         else:
             parts, base = [], header_lines
-            for chunk in pd.read_csv(path, dtype=typed, chunksize=_CHUNK, **kw):
-                chunk = _bare(chunk, rename)
-                _check_columns(path, chunk, columns)
-                _check_finite(path, chunk, dtypes, base)
-                base += len(chunk)
-                n_rows += len(chunk)
-                parts.append(chunk_filter(chunk))
+            with pd.read_csv(path, dtype=typed, chunksize=_CHUNK, **kw) as reader:
+                for chunk in reader:
+                    chunk = _bare(chunk, rename)
+                    _check_columns(path, chunk, columns)
+                    _check_finite(path, chunk, dtypes, base)
+                    base += len(chunk)
+                    n_rows += len(chunk)
+                    parts.append(chunk_filter(chunk))
             df = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=list(columns))
     except DataFormatError:
         raise

@@ -27,7 +27,7 @@ FILES = {
 def read_embedding_file(path: str) -> tuple[np.ndarray, np.ndarray]:
     """(ids int64 [n], vectors float32 [n, d]) from 'id,f1 f2 ... fd' lines, header optional."""
     require_file(path, FILES[os.path.basename(path)])
-    with open(path, "r", encoding="utf-8") as fh:
+    with open(path, "r", encoding="utf-8", errors="replace") as fh:
         first = fh.readline()
     head = first.rstrip("\r\n").split(",")
     has_header = len(head) >= 2 and not _is_number(head[0].strip())
@@ -65,7 +65,7 @@ def _is_number(s: str) -> bool:
 
 
 def _read_with_header(path: str) -> pd.DataFrame:
-    with open(path, "r", encoding="utf-8") as fh:
+    with open(path, "r", encoding="utf-8", errors="replace") as fh:
         cols = [c.strip() for c in fh.readline().rstrip("\r\n").split(",")]
     df = read_table(path, cols[:2], {cols[0]: np.int64, cols[1]: str}, strict_fields=True)
     return df.rename(columns={cols[0]: "id", cols[1]: "emb"})
@@ -93,7 +93,8 @@ def load_taobao(data_dir: str, **_unused) -> RawData:
     uid_e, uvec = read_embedding_file(p["user_embedding.csv"])
     iid_e, ivec = read_embedding_file(p["item_embedding.csv"])
     if uvec.shape[1] != ivec.shape[1]:
-        raise DataFormatError(f"taobao: user embeddings have {uvec.shape[1]} dims, item embeddings {ivec.shape[1]}")
+        raise DataFormatError(f"taobao: {p['user_embedding.csv']} has {uvec.shape[1]}-dim embeddings, "
+                              f"{p['item_embedding.csv']} {ivec.shape[1]}-dim ones; they must match")
 
     user_ids = np.unique(np.concatenate([clicks["user_id"].to_numpy(), buys["user_id"].to_numpy()]))
     item_ids = np.unique(np.concatenate([clicks["item_id"].to_numpy(), buys["item_id"].to_numpy(),

@@ -153,6 +153,7 @@ class MetaTrainer:
         self.best_score = -math.inf
         self.nonfinite_streak = 0
         self.history: List[Dict[str, float]] = []
+        self._saved_step: Optional[int] = None
 
     # -- checkpoints --------------------------------------------------------------------------
     def state_dict(self) -> Dict[str, Any]:
@@ -188,6 +189,7 @@ class MetaTrainer:
 
     def save(self, name: str = LAST) -> Path:
         if name == LAST:
+            self._saved_step = self.step
             return checkpoint.rotate_save(self.state_dict(), self.out_dir / name, self.cfg.keep_checkpoints)
         return checkpoint.save_atomic(self.state_dict(), self.out_dir / name)
 
@@ -235,7 +237,8 @@ class MetaTrainer:
                 self._train_until(meta_steps, running, params, bar)
         finally:
             bar.close()
-        self.save()
+        if self._saved_step != self.step:   # a periodic save at the last step already holds this state
+            self.save()
         return {"step": self.step, "best_score": self.best_score, "history": self.history}
 
     def _train_until(self, meta_steps: int, running: Dict[str, float], params, bar) -> None:
