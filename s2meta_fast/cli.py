@@ -264,10 +264,12 @@ def cmd_plot(args: argparse.Namespace) -> None:
         checkpoint = next((os.path.join(folder, n) for n in ("best.pt", "checkpoint.pt")
                            if os.path.exists(os.path.join(folder, n))), None)
         if checkpoint is None:
-            raise FileNotFoundError(f"no best.pt or checkpoint.pt in {folder!r}")
+            raise CheckpointError(f"no best.pt or checkpoint.pt in {folder!r}")
+    from .meta.checkpoint import load
+    load(checkpoint, map_location="cpu")   # a damaged checkpoint is named before any work
     stored = os.path.join(folder, "config.yaml")
     if not os.path.exists(stored):
-        raise FileNotFoundError(f"{stored!r} is missing: plot needs the run's config next to its checkpoint")
+        raise CheckpointError(f"{stored!r} is missing: plot needs the run's config next to its checkpoint")
     overrides: Dict[str, Any] = {"quiet": args.quiet, "resume": False, "out": folder}
     if args.seed is not None:
         overrides["seed"] = args.seed

@@ -204,3 +204,18 @@ def test_resume_refuses_when_no_checkpoint_is_intact(tmp_path):
         make(tmp_path).fit(5, resume=True)
     msg = str(exc.value)
     assert "no intact checkpoint" in msg and "checkpoint.pt is damaged" in msg and "checkpoint.1.pt is damaged" in msg
+
+
+def test_a_checkpoint_of_other_settings_is_refused_naming_the_difference(tmp_path):
+    make(tmp_path).fit(3)
+    torch.manual_seed(0)
+    user_emb, item_emb = planted_world(dim=DIM)
+    other = MetaLearner(build_model("interaction", DIM), user_emb, item_emb, MetaConfig(t_max=7, t_min=2))
+    trainer = MetaTrainer(other, PlantedSampler(item_emb), ["a"], TrainConfig(quiet=True), tmp_path / "run")
+    with pytest.raises(CheckpointError, match=r"other settings: t_max \(6 -> 7\)"):
+        trainer.fit(5, resume=True)
+    state = checkpoint.load(tmp_path / "run" / "checkpoint.pt")
+    state["format"] = 99
+    checkpoint.save_atomic(state, tmp_path / "run" / "checkpoint.pt")
+    with pytest.raises(CheckpointError, match=r"checkpoint format \(99"):
+        make(tmp_path).fit(5, resume=True)

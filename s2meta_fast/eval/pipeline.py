@@ -149,7 +149,7 @@ def load_learner(cfg: Config, prepared: Any, checkpoint_path: Optional[str] = No
     meta-validation scenarios chooses; checkpoint.pt is the last state.
     """
     from ..meta.checkpoint import load
-    from ..meta.trainer import BEST, LAST
+    from ..meta.trainer import BEST, LAST, checkpoint_differences
 
     if checkpoint_path is None:
         for name in (BEST, LAST):
@@ -162,6 +162,10 @@ def load_learner(cfg: Config, prepared: Any, checkpoint_path: Optional[str] = No
                                   f"run `s2meta train --out {cfg.run.out}` first")
     state = load(checkpoint_path, map_location="cpu")
     learner = build_learner(cfg, prepared)
+    diffs = checkpoint_differences(state, learner)
+    if diffs or "learner" not in state:
+        raise CheckpointError(f"{checkpoint_path} is not a meta learner for these settings: "
+                              f"{', '.join(diffs) or 'it holds no learner state'}")
     learner.load_state_dict(state["learner"])
     log.info("evaluating the meta learner of %s (meta-step %d)", checkpoint_path, state["step"])
     return learner

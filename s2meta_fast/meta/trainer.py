@@ -25,6 +25,33 @@ log = logging.getLogger(__name__)
 OPTIMIZERS = ("adam", "sgd")
 LAST = "checkpoint.pt"
 BEST = "best.pt"
+# The layout of a checkpoint's state; bump when a key or its meaning changes.
+CHECKPOINT_FORMAT = 1
+# Settings that may differ between a checkpoint and the learner restoring it: same parameters,
+# same results (fused ops and their pure-PyTorch twins compute the same function).
+_FREE_META = {"fused"}
+
+
+def checkpoint_differences(state: Dict[str, Any], learner: MetaLearner) -> List[str]:
+    """What makes a checkpoint's state unfit for `learner`: "name (checkpoint -> current)" each."""
+    from .. import __version__
+
+    diffs = []
+    fmt = state.get("format", CHECKPOINT_FORMAT)
+    if fmt != CHECKPOINT_FORMAT:
+        diffs.append(f"checkpoint format ({fmt}, s2meta_fast {state.get('package_version', '?')} -> "
+                     f"{CHECKPOINT_FORMAT}, s2meta_fast {__version__})")
+    model = {"kind": learner.model.kind, "embed_dim": learner.model.embed_dim}
+    for key, value in model.items():
+        stored = state.get("model", {}).get(key, value)
+        if stored != value:
+            diffs.append(f"model {key} ({stored!r} -> {value!r})")
+    current = dataclasses.asdict(learner.config)
+    for key, value in current.items():
+        stored = state.get("meta_config", {}).get(key, value)
+        if key not in _FREE_META and stored != value:
+            diffs.append(f"{key} ({stored!r} -> {value!r})")
+    return diffs
 
 
 class NonFiniteMetaLoss(RuntimeError):
@@ -87,6 +114,11 @@ class TrainConfig:
                 raise ValueError(f"TrainConfig: {name} must be an int >= 0 (0 disables), got {getattr(self, name)!r}")
         if not 0 < self.plateau_factor < 1:
             raise ValueError(f"TrainConfig: plateau_factor must lie in (0, 1), got {self.plateau_factor}")
+
+
+def _package_version() -> str:
+    from .. import __version__
+    return __version__
 
 
 def build_optimizer(learner: MetaLearner, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -173,6 +205,8 @@ class MetaTrainer:
             "meta_config": dataclasses.asdict(self.learner.config),
             "train_config": dataclasses.asdict(self.cfg),
             "model": {"kind": self.learner.model.kind, "embed_dim": self.learner.model.embed_dim},
+            "format": CHECKPOINT_FORMAT,
+            "package_version": _package_version(),
         }
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
@@ -208,6 +242,10 @@ class MetaTrainer:
             raise CheckpointError(f"cannot resume: no intact checkpoint in {self.out_dir}: "
                                   + "; ".join(reason for _, reason in damaged)
                                   + ". Delete them to start over, or start a new run without --resume")
+        diffs = checkpoint_differences(state, self.learner)
+        if diffs:
+            raise CheckpointError(f"cannot resume from {path}: it was written with other settings: "
+                                  f"{', '.join(diffs)}; resume with the same settings or start a new run")
         if damaged:
             log.warning("%s; resuming from %s (meta-step %d), the newest intact checkpoint",
                         "; ".join(reason for _, reason in damaged), path, state["step"])
