@@ -15,6 +15,7 @@ import sys
 
 import pytest
 import torch
+import yaml
 
 from s2meta_fast import cli
 from s2meta_fast.data.synthetic import write_raw
@@ -299,3 +300,33 @@ def test_a_committed_run_names_its_own_folder(world):
     assert sorted(os.listdir(world["previous"])) == [
         "best.pt", "checkpoint.1.pt", "checkpoint.pt", "config.yaml", "finetune.json", "global.pt", "methods",
         "results.json", "results.md"]
+
+
+def test_evaluate_replaces_results_only_when_complete(world, tmp_path, monkeypatch, capsys):
+    out = _copy_run(world, tmp_path)
+    before = _checksums(out)
+    from s2meta_fast.eval import pipeline
+    real = pipeline.evaluate
+    calls = []
+
+    def killed_on_the_second_method(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "evaluate", killed_on_the_second_method)
+    assert cli.main(["evaluate", "--out", out, "--quiet"]) == cli.EXIT_INTERRUPTED
+    monkeypatch.undo()
+    assert {p: h for p, h in _checksums(out).items() if "/.staging/" not in p} == before
+    assert cli.main(["evaluate", "--out", out, "--quiet", "--methods", "itempop", "--ks", "5"]) == 0
+    # evaluate's own flags do not rewrite the run's config; `out` names the folder the run is in now
+    with open(os.path.join(world["previous"], "config.yaml")) as fh:
+        original = yaml.safe_load(fh)
+    with open(os.path.join(out, "config.yaml")) as fh:
+        stored = yaml.safe_load(fh)
+    assert stored["run"].pop("out") == out and original["run"].pop("out") == world["previous"]
+    assert stored == original
+    with open(os.path.join(out, "results.json")) as fh:
+        assert list(json.load(fh)["methods"]) == ["itempop"]
+    assert not os.path.exists(os.path.join(out, ".staging"))

@@ -193,18 +193,18 @@ def _run_folder(cfg: Config, carry: bool = False) -> Iterator[Config]:
                               f"drop --resume to start one")
         yield cfg.replace(out=folder.staging)
         # The staged files name the staging folder as `out`; the committed run names its own.
-        for name in ("config.yaml", "results.json"):
-            path = os.path.join(folder.staging, name)
-            if not os.path.exists(path):
-                continue
-            if name == "config.yaml":
-                atomic_write_text(path, cfg.to_yaml())
-            else:
-                with open(path, encoding="utf-8") as fh:
-                    doc = json.load(fh)
-                if isinstance(doc.get("config"), dict):
-                    doc["config"] = cfg.to_dict()
-                atomic_write_text(path, json.dumps(doc, indent=2) + "\n")
+        config_path = os.path.join(folder.staging, "config.yaml")
+        if os.path.exists(config_path):
+            stored = config_mod.load_yaml(config_path)
+            stored["out"] = cfg.run.out
+            atomic_write_text(config_path, config_mod.build_config(stored, where=config_path).to_yaml())
+        results_path = os.path.join(folder.staging, "results.json")
+        if os.path.exists(results_path):
+            with open(results_path, encoding="utf-8") as fh:
+                doc = json.load(fh)
+            if isinstance(doc.get("config", {}).get("run"), dict):
+                doc["config"]["run"]["out"] = cfg.run.out
+            atomic_write_text(results_path, json.dumps(doc, indent=2) + "\n")
         folder.commit()
 
 
@@ -295,12 +295,6 @@ def cmd_plot(args: argparse.Namespace) -> None:
 HANDLERS = {"prepare": cmd_prepare, "train": cmd_train, "evaluate": cmd_evaluate, "run": cmd_run}
 
 
-def _error_types() -> tuple:
-    from .data.errors import DataFileError, DataFormatError, UnknownDatasetError
-    return (ConfigError, UsageError, DataFileError, DataFormatError, UnknownDatasetError, FileNotFoundError,
-            ValueError, KeyError)
-
-
 def _check_device(device: str) -> None:
     import torch
     if device.startswith("cuda") and not torch.cuda.is_available():
@@ -320,7 +314,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         signal.signal(signal.SIGTERM, _terminate_as_interrupt)
     import s2meta_fast
     print(s2meta_fast.backend(), file=sys.stderr, flush=True)
-    errors = _error_types()
     try:
         if args.command == "plot":
             cmd_plot(args)
@@ -331,17 +324,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         HANDLERS[args.command](cfg, args)
         return 0
     except KeyboardInterrupt:
-        print("s2meta: interrupted; checkpoints and finished stages in the run folder are intact: "
-              "rerun the same command with --resume to continue", file=sys.stderr)
+        print("s2meta: interrupted; the previous results in the run folder are unchanged and the interrupted "
+              "run's checkpoints and finished stages are kept: rerun the same command with --resume to "
+              "continue", file=sys.stderr)
         return EXIT_INTERRUPTED
     except (S2MetaError, UsageError) as error:
+        # A user's mistake or a damaged file: one line. Anything else is a bug and keeps its traceback.
         lines = [line.strip() for line in str(error).splitlines() if line.strip()]
         print(f"s2meta {args.command}: error: {'; '.join(lines) or type(error).__name__}", file=sys.stderr)
         return EXIT_USAGE
-    except errors as error:
-        message = error.args[0] if isinstance(error, KeyError) and error.args else error
-        print(f"s2meta {args.command}: error: {message}", file=sys.stderr)
-        return EXIT_FAILURE
 
 
 if __name__ == "__main__":

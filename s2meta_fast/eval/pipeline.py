@@ -25,6 +25,7 @@ import yaml
 
 from .. import _extension
 from ..config import Config, ConfigError, build_config
+from ..data.errors import EmptyDataError
 from ..errors import CheckpointError
 from .baselines import (Finetune, FinetuneGrid, GlobalModel, GlobalTrainConfig, ItemPop, S2Meta,
                         global_item_counts, select_finetune, train_global)
@@ -219,7 +220,9 @@ def finetune_choice(cfg: Config, prepared: Any, model: Any, theta: torch.Tensor)
         return cached
     valid = eval_tasks(prepared, "valid", cfg.run.seed)
     if not valid:
-        raise ValueError("Finetune needs meta-validation scenarios to choose its lr and steps; the split has none")
+        raise EmptyDataError(f"{prepared.name}: Finetune needs meta-validation scenarios to choose its lr and "
+                             f"steps and the split has none; lower --min-items, raise --max-items, or leave "
+                             f"finetune out of --methods")
     device = theta.device
     grid = FinetuneGrid(lrs=cfg.eval.finetune_lrs, steps=cfg.eval.finetune_steps)
     choice = select_finetune(model, theta, prepared.user_emb.to(device), prepared.item_emb.to(device), valid, grid,
@@ -260,7 +263,7 @@ def evaluate_methods(cfg: Config, prepared: Any, learner: Any = None,
     """
     tasks = eval_tasks(prepared, "test", cfg.run.seed)
     if not tasks:
-        raise ValueError(f"{prepared.name}: no meta-test scenario; lower --min-items or raise --max-items")
+        raise EmptyDataError(f"{prepared.name}: no meta-test scenario; lower --min-items or raise --max-items")
     methods: Dict[str, Dict[str, float]] = {}
     timings: Dict[str, Any] = {k: round(v, 3) for k, v in (stage_seconds or {}).items()}
     n_users = None
