@@ -7,6 +7,7 @@ intact one) and a damaged cache entry (rebuilt).
 import glob
 import gzip
 import hashlib
+import importlib.util
 import json
 import os
 import shutil
@@ -149,6 +150,14 @@ def _taobao_short_embedding(w, tmp, out):
     return ["run", "--dataset", "taobao", "--data-dir", folder, "--cache-dir", w["cache"], *TINY, "--out", out]
 
 
+def _ml100k_bad_row(w, tmp, out):
+    from s2meta_fast.data.movielens import recbole_ml100k_dir
+    folder = str(tmp / "ml100k")
+    shutil.copytree(recbole_ml100k_dir(), folder)
+    _replace_line(os.path.join(folder, "ml-100k.inter"), 7, "196\t242\tthree\t881250949")
+    return ["prepare", "--dataset", "ml100k", "--data-dir", folder, "--cache-dir", w["cache"], "--quiet"]
+
+
 def _config_unknown_key(w, tmp, out):
     path = tmp / "c.yaml"
     path.write_text("metasteps: 3\n")
@@ -211,6 +220,8 @@ CASES = [
     ("amazon: bad meta line", _amazon_bad_meta, "meta_Beauty.json.gz: line 2"),
     ("amazon: meta not gzip", _amazon_not_gzip, "meta_Beauty.json.gz: cannot read"),
     ("taobao: short embedding", _taobao_short_embedding, "user_embedding.csv: line 4: 2 values"),
+    pytest.param("ml100k: bad rating", _ml100k_bad_row, "ml-100k.inter: line 7: column 'rating'",
+                 marks=pytest.mark.skipif(importlib.util.find_spec("recbole") is None, reason="needs recbole")),
     ("config: unknown key", _config_unknown_key, "unknown key 'metasteps'"),
     ("config: not YAML", _config_not_yaml, "is not valid YAML"),
     ("option out of range", _bad_option_value, "meta_batch must be an int >= 1"),
@@ -225,7 +236,13 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("build,expected", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def _case(case):
+    if hasattr(case, "marks"):   # a pytest.param(name, build, expected, marks=...)
+        return pytest.param(*case.values[1:], id=case.values[0], marks=case.marks)
+    return pytest.param(*case[1:], id=case[0])
+
+
+@pytest.mark.parametrize("build,expected", [_case(c) for c in CASES])
 def test_bad_input_is_one_line_exit_2_and_changes_nothing(world, tmp_path, capsys, build, expected):
     out = _copy_run(world, tmp_path)
     argv = build(world, tmp_path, out)
@@ -330,3 +347,17 @@ def test_evaluate_replaces_results_only_when_complete(world, tmp_path, monkeypat
     with open(os.path.join(out, "results.json")) as fh:
         assert list(json.load(fh)["methods"]) == ["itempop"]
     assert not os.path.exists(os.path.join(out, ".staging"))
+
+
+def test_damaged_stage_outputs_are_recomputed_on_resume(world, tmp_path, capsys):
+    out = _copy_run(world, tmp_path)
+    _truncate(os.path.join(out, "global.pt"))
+    _truncate(os.path.join(out, "finetune.json"))
+    _truncate(os.path.join(out, "methods", "itempop.json"))
+    for name in ("global", "finetune"):   # so that their stage outputs are read again
+        os.unlink(os.path.join(out, "methods", f"{name}.json"))
+    assert cli.main(["run", *world["data"], *TINY, "--resume", "--out", out]) == 0
+    err = capsys.readouterr().err
+    assert "global.pt is damaged" in err and "finetune.json is damaged" in err and "itempop.json is damaged" in err
+    with open(os.path.join(out, "results.json")) as fh:
+        assert json.load(fh)["methods"] == world["results"]["methods"]

@@ -81,9 +81,12 @@ class RunLock:
         self.took_over: Optional[str] = None
 
     def acquire(self) -> "RunLock":
-        os.makedirs(self.out, exist_ok=True)
         for _ in range(10):
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                os.makedirs(self.out, exist_ok=True)
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as error:
+                raise RunFolderError(f"--out {self.out}: cannot create {self.path}: {error.strerror}") from None
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as error:

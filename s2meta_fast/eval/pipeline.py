@@ -79,10 +79,16 @@ def check_run_folder(cfg: Config) -> None:
 
 
 def _read_json(path: str) -> Optional[Dict[str, Any]]:
+    """A finished stage's JSON, or None when absent or damaged (the stage then runs again)."""
     if not os.path.exists(path):
         return None
-    with open(path, encoding="utf-8") as fh:
-        return json.load(fh)
+    try:
+        with open(path, encoding="utf-8") as fh:
+            doc = json.load(fh)
+    except (ValueError, UnicodeDecodeError) as error:
+        log.warning("%s is damaged (%s); recomputing it", path, str(error).splitlines()[0] if str(error) else error)
+        return None
+    return doc if isinstance(doc, dict) else None
 
 
 # --------------------------------------------------------------------------------------------
@@ -197,8 +203,12 @@ def global_theta(cfg: Config, prepared: Any, model: Any, device: torch.device) -
     path = os.path.join(cfg.run.out, "global.pt")
     key = _global_key(cfg)
     if os.path.exists(path):
-        stored = load(path, map_location=device)
-        if stored.get("key") == key:
+        try:
+            stored = load(path, map_location=device)
+        except CheckpointError as error:
+            log.warning("%s; retraining the Global baseline", error)
+            stored = {}
+        if stored.get("key") == key and "theta" in stored:
             return stored["theta"]
     e = cfg.eval
     gcfg = GlobalTrainConfig(steps=e.global_steps, batch_size=e.global_batch, lr=e.global_lr, use_source=e.global_source)
