@@ -150,3 +150,14 @@ def test_a_stale_lock_is_taken_over_with_a_message(tmp_path, caplog):
     assert lock.took_over is not None and "no longer running" in lock.took_over
     assert f"taking over the stale lock" in caplog.text and f"pid {int(dead.stdout)}" in caplog.text
     assert not (out / LOCK).exists()
+
+
+def test_evaluate_does_not_discard_an_interrupted_run(previous_run):
+    with pytest.raises(KeyboardInterrupt):
+        with RunFolder(previous_run) as folder:
+            _write(os.path.join(folder.staging, "config.yaml"), "interrupted")
+            raise KeyboardInterrupt
+    with pytest.raises(RunFolderError, match="an interrupted run waits in .*continue it with --resume"):
+        RunFolder(previous_run, carry=True).open()
+    assert open(os.path.join(previous_run, STAGING, "config.yaml")).read() == "interrupted"
+    assert not os.path.exists(os.path.join(previous_run, LOCK))

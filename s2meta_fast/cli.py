@@ -218,12 +218,14 @@ def cmd_train(cfg: Config, args: argparse.Namespace) -> None:
 
 def cmd_evaluate(cfg: Config, args: argparse.Namespace) -> None:
     from .eval.pipeline import clear_results, evaluate_methods, load_learner, prepare_data
+    from .meta.trainer import BEST, LAST
+    from .runfolder import STAGING
     if args.checkpoint is not None and not os.path.isfile(args.checkpoint):
         raise CheckpointError(f"--checkpoint {args.checkpoint}: no such file")
     if args.checkpoint is None and "s2meta" in cfg.eval.methods and not any(
             os.path.isfile(os.path.join(cfg.run.out, folder, name))
-            for folder in ("", ".staging") for name in ("best.pt", "checkpoint.pt")):
-        raise CheckpointError(f"no trained meta learner in {cfg.run.out!r} (best.pt or checkpoint.pt); "
+            for folder in ("", STAGING) for name in (BEST, LAST)):
+        raise CheckpointError(f"no trained meta learner in {cfg.run.out!r} ({BEST} or {LAST}); "
                               f"run `s2meta train --out {cfg.run.out}` first")
     prepared = prepare_data(cfg)
     with _run_folder(cfg, carry=True) as staged:

@@ -37,6 +37,7 @@ LOCK = ".lock"
 STAGING = ".staging"
 PREVIOUS = ".previous"
 COMMIT_MARKER = ".commit"
+CARRIED = ".carried"     # in a staging area that holds only a copy of the committed run plus new results
 
 # The files and folders a run produces; a commit replaces exactly these (and checkpoint*.pt).
 RUN_FILES = ("config.yaml", "results.json", "results.md", "global.pt", "finetune.json", "best.pt",
@@ -238,14 +239,21 @@ class RunFolder:
         if self.resume and staged:
             log.info("--resume: continuing the interrupted run in %s", self.staging)
             return
+        if staged and self.carry and not os.path.exists(os.path.join(self.staging, CARRIED)):
+            # Building on the committed run would discard an interrupted training: let the user choose.
+            raise RunFolderError(f"--out {self.out}: an interrupted run waits in {self.staging}; continue it with "
+                                 f"--resume, or start a new run (which discards it) before evaluating")
         if staged:
-            log.info("--out %s: discarding the interrupted run in %s (a new run starts)", self.out, self.staging)
+            log.warning("--out %s: discarding the interrupted run in %s (a new run starts; --resume would have "
+                        "continued it)", self.out, self.staging)
         _remove(self.staging)
         os.makedirs(self.staging)
         if self.resume or self.carry:
             # Resuming a committed run: start from its files; they stay untouched until the commit.
             for name in self.previous_files():
                 _copy(os.path.join(self.out, name), os.path.join(self.staging, name))
+            if not self.resume:
+                open(os.path.join(self.staging, CARRIED), "w").close()
 
     def previous_files(self) -> List[str]:
         """The previous run's entries in OUT (what a commit replaces)."""
@@ -260,7 +268,7 @@ class RunFolder:
     # -- commit --------------------------------------------------------------------------------
     def commit(self) -> None:
         """The staged run replaces the previous run's files in OUT."""
-        names = sorted(n for n in os.listdir(self.staging) if n != COMMIT_MARKER)
+        names = sorted(n for n in os.listdir(self.staging) if n not in (COMMIT_MARKER, CARRIED))
         marker = os.path.join(self.staging, COMMIT_MARKER)
         fd, tmp = tempfile.mkstemp(dir=self.staging, prefix=".tmp-")
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
