@@ -11,8 +11,10 @@ import importlib.util
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -361,3 +363,28 @@ def test_damaged_stage_outputs_are_recomputed_on_resume(world, tmp_path, capsys)
     assert "global.pt is damaged" in err and "finetune.json is damaged" in err and "itempop.json is damaged" in err
     with open(os.path.join(out, "results.json")) as fh:
         assert json.load(fh)["methods"] == world["results"]["methods"]
+
+
+def test_kill_9_mid_run_keeps_the_previous_results_and_resumes(world, tmp_path, capsys):
+    out = _copy_run(world, tmp_path)
+    before = _checksums(out)
+    args = [*world["data"], *TINY, "--meta-steps", "20", "--validate-every", "10"]
+    proc = subprocess.Popen([sys.executable, "-m", "s2meta_fast", "run", *args, "--out", out],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=os.getcwd())
+    staged = os.path.join(out, ".staging", "checkpoint.pt")
+    deadline = time.monotonic() + 120
+    while not os.path.exists(staged) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.kill()
+    assert proc.wait(timeout=30) == -signal.SIGKILL, "the run ended before it could be killed"
+    assert {p: h for p, h in _checksums(out).items() if "/.staging/" not in p and not p.endswith(".lock")} == before
+    with open(os.path.join(out, ".lock")) as fh:
+        assert json.load(fh)["pid"] == proc.pid   # left behind by the killed run
+
+    assert cli.main(["run", *args, "--resume", "--out", out]) == 0
+    err = capsys.readouterr().err
+    assert "taking over the stale lock" in err and f"pid {proc.pid}" in err
+    from s2meta_fast.meta import checkpoint
+    assert checkpoint.load(os.path.join(out, "checkpoint.pt"))["step"] == 20
+    assert sorted(os.listdir(out)) == ["best.pt", "checkpoint.1.pt", "checkpoint.pt", "config.yaml", "finetune.json",
+                                       "global.pt", "methods", "results.json", "results.md"]
