@@ -127,10 +127,15 @@ def test_a_second_run_is_refused_naming_the_holder(tmp_path):
 
 def test_a_lock_held_by_another_process_is_refused(tmp_path):
     out = str(tmp_path / "run")
+    os.makedirs(out)
+    # The protocol RunLock speaks, without importing the package (and torch) in the holder.
     holder = subprocess.Popen([sys.executable, "-c", (
-        "import sys, time; from s2meta_fast.runfolder import RunLock\n"
-        f"lock = RunLock({out!r}).acquire(); print('locked', flush=True); sys.stdin.read()")],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=os.getcwd())
+        "import fcntl, json, os, socket, sys\n"
+        f"fd = os.open({os.path.join(out, LOCK)!r}, os.O_RDWR | os.O_CREAT)\n"
+        "fcntl.flock(fd, fcntl.LOCK_EX)\n"
+        "os.write(fd, json.dumps({'pid': os.getpid(), 'host': socket.gethostname()}).encode())\n"
+        "print('locked', flush=True); sys.stdin.read()")],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
         with pytest.raises(RunFolderError, match=f"pid {holder.pid} on host"):
