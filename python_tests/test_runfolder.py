@@ -1,4 +1,6 @@
 """The run folder as a transaction: lock, staging, commit, recovery from a cut-short commit."""
+import errno
+import fcntl
 import json
 import logging
 import os
@@ -166,3 +168,19 @@ def test_evaluate_does_not_discard_an_interrupted_run(previous_run):
         RunFolder(previous_run, carry=True).open()
     assert open(os.path.join(previous_run, STAGING, "config.yaml")).read() == "interrupted"
     assert not os.path.exists(os.path.join(previous_run, LOCK))
+
+
+def test_without_flock_the_pid_in_the_lock_file_decides(tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    _write(str(out / LOCK), json.dumps({"pid": os.getppid(), "host": socket.gethostname()}))
+
+    def no_flock(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_flock)
+    with pytest.raises(RunFolderError, match=f"pid {os.getppid()} on host .*delete .*.lock if that run is gone"):
+        RunLock(str(out)).acquire()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    _write(str(out / LOCK), json.dumps({"pid": int(dead.stdout), "host": socket.gethostname()}))
+    with RunLock(str(out)) as lock:
+        assert "no longer running" in lock.took_over

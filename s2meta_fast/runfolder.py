@@ -91,6 +91,15 @@ class RunLock:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as error:
+                if error.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EINVAL):
+                    # A filesystem without flock (some network mounts): the pid in the file decides.
+                    log.warning("--out %s: the filesystem does not support flock (%s); the lock relies on the "
+                                "pid in %s", self.out, error.strerror, self.path)
+                    self.fd = fd
+                    self._refuse_if_held_by_live_pid()
+                    self._take_over_if_stale()
+                    self._write()
+                    return self
                 os.close(fd)
                 if error.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
                     raise RunFolderError(f"--out {self.out}: another run is using this folder "
@@ -125,8 +134,18 @@ class RunLock:
             return "holder unknown"
         return f"pid {holder.get('pid', '?')} on host {holder.get('host', '?')}"
 
+    def _refuse_if_held_by_live_pid(self) -> None:
+        holder = self._read()
+        pid = holder.get("pid")
+        alive = holder.get("host") != socket.gethostname() or (isinstance(pid, int) and _pid_alive(pid))
+        if holder and pid != os.getpid() and alive:
+            os.close(self.fd)
+            self.fd = None
+            raise RunFolderError(f"--out {self.out}: another run is using this folder ({self._describe(holder)}); "
+                                 f"wait for it to finish, or delete {self.path} if that run is gone")
+
     def _take_over_if_stale(self) -> None:
-        # We hold the flock, so whoever wrote a pid here is gone (the kernel released its lock).
+        # We hold the flock (or checked the pid), so whoever wrote a pid here is gone.
         holder = self._read()
         if not holder:
             return
