@@ -28,7 +28,14 @@ MAX_JOBS=16 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} FORCE_CUDA=1 \
 (cd /tmp && "$PY" -c "import s2meta_fast; b = s2meta_fast.backend(); print(b); assert b.cuda_kernels, b") || exit 1
 
 step "CUDA tests"
-timeout 150 "$PY" -m pytest python_tests -q -k "cuda or Cuda or CUDA or graph" -p no:cacheprovider 2>&1 | tail -25
+# -v into its own log: a crash (a segfault ends pytest without its summary) still names the test
+timeout 150 "$PY" -m pytest python_tests -v -k "cuda or Cuda or CUDA or graph" -p no:cacheprovider \
+  > "$OUT_DIR/tests.log" 2>&1
+echo "pytest exit: $?"
+grep -E "PASSED|FAILED|ERROR|SKIPPED" "$OUT_DIR/tests.log" | awk '{print $2}' | sort | uniq -c
+grep -E "FAILED|ERROR" "$OUT_DIR/tests.log" | head -20
+grep -B2 -A12 "Fatal Python error" "$OUT_DIR/tests.log" | grep -v "site-packages" | head -30
+tail -3 "$OUT_DIR/tests.log"
 
 step "compute-sanitizer memcheck (every op, fwd + bwd, edge sizes; caching allocator off so overruns show)"
 PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout 120 compute-sanitizer --tool memcheck --error-exitcode 9 \
