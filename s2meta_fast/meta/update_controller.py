@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import ops
-from ..ops import _reference
+from ..ops import reference
 
 State = Tuple[Tensor, Tensor]
 
@@ -170,7 +170,7 @@ class UpdateController(_UpdateControllerBase):
 
     @staticmethod
     def _step(*args):
-        return _reference.lstm_update_multi(*args)
+        return reference.lstm_update_multi(*args)
 
 
 class FastUpdateController(_UpdateControllerBase):
