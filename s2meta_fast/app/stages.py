@@ -1,96 +1,47 @@
-"""The stages behind the CLI: prepare data, meta-train, build the baselines, evaluate, write results.
+"""The stages a command chains: prepare data, meta-train, build the baselines, evaluate.
 
-A run folder holds everything a stage needs to be skipped on ``--resume``:
-
-    OUT/config.yaml            the resolved configuration (a resumed run must match it)
-    OUT/<trainer files>        meta-training checkpoints (the trainer's own layout)
-    OUT/global.pt              the Global baseline's θ
-    OUT/finetune.json          the Finetune (lr, steps) chosen on meta-validation scenarios
-    OUT/methods/<name>.json    each method's metrics on the meta-test scenarios
-    OUT/results.json, .md      the pooled results (written last)
-
-Every file is written atomically, so a run killed at any point resumes from the last finished
-stage (and meta-training from its last checkpoint).
+Each stage takes the resolved :class:`~s2meta_fast.config.Config` and reads or writes the run
+folder through :mod:`s2meta_fast.app.run_folder`, so a finished stage is skipped on ``--resume``.
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Mapping, Optional
 
 import torch
-import yaml
 
 from .. import _extension
-from ..config import Config, ConfigError, build_config
-from .baselines import (Finetune, FinetuneGrid, GlobalModel, GlobalTrainConfig, ItemPop, S2Meta,
-                        global_item_counts, select_finetune, train_global)
-from .protocol import evaluate
-from .results import atomic_write_text, build_results, write_results
+from ..config import Config
+from .. import data
+from ..data import EvalTask, PreparedData, TaskSampler
+from ..errors import ConfigError, DataError, RunFolderError
+from ..eval.baselines import (METHODS, Finetune, FinetuneGrid, GlobalModel, GlobalTrainConfig, ItemPop, S2Meta,
+                              global_item_counts, select_finetune, train_global)
+from ..eval.protocol import Method, evaluate
+from ..eval.results import build_results, write_results
+from ..meta import MetaLearner, MetaTrainer
+from ..meta import checkpoint as checkpoints
+from ..models import FlatRecommender, build_model
+from . import run_folder
 
 log = logging.getLogger("s2meta_fast")
 
-# Options that may change between an interrupted run and its resumption without changing results.
-RESUME_FREE = {"quiet", "resume", "device", "methods", "out"}
+
+def check_device(device: str) -> None:
+    """Refuses a CUDA device where there is none, before any work starts."""
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"--device {device}: no CUDA device is available here "
+                          f"(torch {torch.__version__}, CUDA build: {torch.version.cuda or 'no'}); use --device cpu")
 
 
 # --------------------------------------------------------------------------------------------
-# run folder
+# data
 
 
-def clear_results(out: str) -> None:
-    """Drops per-method results and results files: they are recomputed unless resuming."""
-    for stale in ("results.json", "results.md"):
-        if os.path.exists(os.path.join(out, stale)):
-            os.unlink(os.path.join(out, stale))
-    methods = os.path.join(out, "methods")
-    if os.path.isdir(methods):
-        for name in os.listdir(methods):
-            os.unlink(os.path.join(methods, name))
-
-
-def check_run_folder(cfg: Config) -> None:
-    """Writes OUT/config.yaml, or on ``--resume`` checks the stored one matches (except run control)."""
-    out = cfg.run.out
-    path = os.path.join(out, "config.yaml")
-    if cfg.run.resume:
-        if not os.path.exists(path):
-            raise ConfigError(f"--resume: {out!r} holds no run to resume (no config.yaml); drop --resume to start one")
-        with open(path, encoding="utf-8") as fh:
-            stored = build_config(yaml.safe_load(fh), where=path).to_dict()
-        current = cfg.to_dict()
-        changed = [f"{name} ({stored[s][name]!r} -> {current[s][name]!r})"
-                   for s in current for name in current[s]
-                   if name not in RESUME_FREE and stored[s][name] != current[s][name]]
-        if changed:
-            raise ConfigError(f"--resume: the run in {out!r} used different settings: {', '.join(changed)}; "
-                              f"resume with the same settings or start a new run in another --out")
-    else:
-        # A fresh run must not pick up a previous run's stages: its baselines used other data.
-        for stale in ("global.pt", "finetune.json", "best.pt", "checkpoint.pt"):
-            if os.path.exists(os.path.join(out, stale)):
-                os.unlink(os.path.join(out, stale))
-        clear_results(out)
-    atomic_write_text(path, cfg.to_yaml())
-
-
-def _read_json(path: str) -> Optional[Dict[str, Any]]:
-    if not os.path.exists(path):
-        return None
-    with open(path, encoding="utf-8") as fh:
-        return json.load(fh)
-
-
-# --------------------------------------------------------------------------------------------
-# stages
-
-
-def prepare_data(cfg: Config) -> Any:
+def prepare_data(cfg: Config) -> PreparedData:
     """The prepared dataset for cfg.data (the data layer caches embeddings and scenarios)."""
-    from .. import data
-
     d = cfg.data
     kwargs: Dict[str, Any] = dict(seed=cfg.run.seed, embed_dim=d.embed_dim, progress=not cfg.run.quiet)
     for name in ("min_items", "max_items", "cache_dir", "mf_epochs", "heldout_user_frac"):
@@ -102,80 +53,69 @@ def prepare_data(cfg: Config) -> Any:
     return prepared
 
 
-def build_learner(cfg: Config, prepared: Any) -> Any:
-    from ..meta import MetaLearner
-    from ..models import build_model
+def eval_tasks(prepared: PreparedData, split: str, seed: int) -> List[EvalTask]:
+    """The evaluation tasks of a split, fixed by the seed (a fresh sampler per split)."""
+    return TaskSampler(prepared, seed).eval_tasks(prepared.scenarios(split))
 
-    device = torch.device(cfg.run.device)
+
+# --------------------------------------------------------------------------------------------
+# s²Meta
+
+
+def build_learner(cfg: Config, prepared: PreparedData) -> MetaLearner:
     model = build_model(cfg.train.model, prepared.embed_dim, fused=cfg.meta.fused)
     # The controllers initialise from torch's global RNG: seeding it makes the run reproducible.
     torch.manual_seed(cfg.run.seed)
     learner = MetaLearner(model, prepared.user_emb, prepared.item_emb, cfg.meta)
-    return learner.to(device)
+    return learner.to(torch.device(cfg.run.device))
 
 
-def task_sampler(prepared: Any, seed: int) -> Any:
-    from ..data.tasks import TaskSampler
-    return TaskSampler(prepared, seed)
+def validation_fn(cfg: Config, valid_tasks: List[EvalTask]) -> Callable[[MetaLearner], float]:
+    """Recall@20 (or the nearest K) of the learner on the meta-validation scenarios.
+
+    The learner is validated with the stop rule it will be evaluated with.
+    """
+    k = 20 if 20 in cfg.eval.ks else cfg.eval.ks[0]
+
+    def validate(learner: MetaLearner) -> float:
+        method = S2Meta(learner, stop=cfg.stop_at_evaluation)
+        res = evaluate(method, valid_tasks, (k,), seed=cfg.run.seed, device=cfg.run.device,
+                       block_size=cfg.eval.block_size, max_pairs=cfg.eval.max_pairs, progress=False)
+        return res["metrics"][f"recall@{k}"]
+    return validate
 
 
-def eval_tasks(prepared: Any, split: str, seed: int) -> List[Any]:
-    """The SPEC §6 evaluation tasks of a split, fixed by the seed (a fresh sampler per split)."""
-    return task_sampler(prepared, seed).eval_tasks(prepared.scenarios(split))
-
-
-def train_meta(cfg: Config, prepared: Any) -> Any:
+def train_meta(cfg: Config, prepared: PreparedData) -> MetaLearner:
     """Meta-trains (or resumes) in OUT; returns the learner at its best validation score."""
-    from ..meta.trainer import MetaTrainer
-
+    if not prepared.train:
+        raise DataError(f"{prepared.name}: no meta-train scenario; lower --min-items or raise --max-items")
     learner = build_learner(cfg, prepared)
-    sampler = task_sampler(prepared, cfg.run.seed)
     valid = eval_tasks(prepared, "valid", cfg.run.seed)
-    validate = validation_fn(cfg, valid) if valid else None
-    trainer = MetaTrainer(learner, sampler, prepared.train, cfg.train.trainer_config(), cfg.run.out,
-                          validate=validate)
+    trainer = MetaTrainer(learner, TaskSampler(prepared, cfg.run.seed), prepared.train, cfg.train, cfg.run.out,
+                          validate=validation_fn(cfg, valid) if valid else None,
+                          keep_freed_memory=cfg.run.keep_freed_memory)
     start = time.perf_counter()
-    summary = trainer.fit(cfg.train.meta_steps, resume=cfg.run.resume)
+    summary = trainer.fit(resume=cfg.run.resume)
     log.info("meta-training: %d meta-steps, best validation %.4f, %.1f s", summary["step"], summary["best_score"],
              time.perf_counter() - start)
     return load_learner(cfg, prepared)
 
 
-def load_learner(cfg: Config, prepared: Any, checkpoint_path: Optional[str] = None) -> Any:
-    """The learner of a checkpoint: `checkpoint_path`, else OUT/best.pt, else OUT/checkpoint.pt.
-
-    best.pt (the best validation score) is preferred: it is what model selection on the
-    meta-validation scenarios chooses; checkpoint.pt is the last state.
-    """
-    from ..meta.checkpoint import load
-    from ..meta.trainer import BEST, LAST
-
+def load_learner(cfg: Config, prepared: PreparedData, checkpoint_path: Optional[str] = None) -> MetaLearner:
+    """The learner of a checkpoint: `checkpoint_path`, else the run folder's (best.pt, else checkpoint.pt)."""
     if checkpoint_path is None:
-        for name in (BEST, LAST):
-            candidate = os.path.join(cfg.run.out, name)
-            if os.path.exists(candidate):
-                checkpoint_path = candidate
-                break
-        else:
-            raise FileNotFoundError(f"no trained meta learner in {cfg.run.out!r} ({BEST} or {LAST}); "
-                                    f"run `s2meta train --out {cfg.run.out}` first")
-    state = load(checkpoint_path, map_location="cpu")
+        checkpoint_path = run_folder.find_checkpoint(cfg.run.out)
+    elif not os.path.exists(checkpoint_path):
+        raise RunFolderError(f"checkpoint {checkpoint_path!r} does not exist")
+    state = checkpoints.load(checkpoint_path, map_location="cpu")
     learner = build_learner(cfg, prepared)
     learner.load_state_dict(state["learner"])
     log.info("evaluating the meta learner of %s (meta-step %d)", checkpoint_path, state["step"])
     return learner
 
 
-def validation_fn(cfg: Config, valid_tasks: List[Any]):
-    """Recall@20 (or the nearest K) of the learner on the meta-validation scenarios."""
-    k = 20 if 20 in cfg.eval.ks else cfg.eval.ks[0]
-
-    def validate(learner: Any) -> float:
-        method = S2Meta(learner, stop=cfg.eval.eval_stop)
-        res = evaluate(method, valid_tasks, (k,), seed=cfg.run.seed, device=cfg.run.device,
-                       block_size=cfg.eval.block_size, max_pairs=cfg.eval.max_pairs, progress=False)
-        return res["metrics"][f"recall@{k}"]
-    return validate
+# --------------------------------------------------------------------------------------------
+# baselines
 
 
 def _global_key(cfg: Config) -> Dict[str, Any]:
@@ -184,14 +124,12 @@ def _global_key(cfg: Config) -> Dict[str, Any]:
             "batch": e.global_batch, "lr": e.global_lr, "source": e.global_source}
 
 
-def global_theta(cfg: Config, prepared: Any, model: Any, device: torch.device) -> torch.Tensor:
+def global_theta(cfg: Config, prepared: PreparedData, model: FlatRecommender, device: torch.device) -> torch.Tensor:
     """The Global baseline's θ, trained once per run folder and settings (OUT/global.pt)."""
-    from ..meta.checkpoint import load, save_atomic
-
-    path = os.path.join(cfg.run.out, "global.pt")
+    path = os.path.join(cfg.run.out, run_folder.GLOBAL_FILE)
     key = _global_key(cfg)
     if os.path.exists(path):
-        stored = load(path, map_location=device)
+        stored = checkpoints.load(path, map_location=device)
         if stored.get("key") == key:
             return stored["theta"]
     e = cfg.eval
@@ -200,21 +138,23 @@ def global_theta(cfg: Config, prepared: Any, model: Any, device: torch.device) -
     theta = train_global(model, prepared.user_emb.to(device), prepared.item_emb.to(device), prepared, gcfg,
                          seed=cfg.run.seed, progress=not cfg.run.quiet)
     log.info("global: trained %d steps in %.1f s", gcfg.steps, time.perf_counter() - start)
-    save_atomic({"theta": theta.cpu(), "key": key}, path)
+    checkpoints.save_atomic({"theta": theta.cpu(), "key": key}, path)
     return theta
 
 
-def finetune_choice(cfg: Config, prepared: Any, model: Any, theta: torch.Tensor) -> Dict[str, Any]:
+def finetune_choice(cfg: Config, prepared: PreparedData, model: FlatRecommender,
+                    theta: torch.Tensor) -> Dict[str, Any]:
     """(lr, steps) for Finetune from the meta-validation grid search (OUT/finetune.json)."""
-    path = os.path.join(cfg.run.out, "finetune.json")
+    path = os.path.join(cfg.run.out, run_folder.FINETUNE_FILE)
     key = {"global": _global_key(cfg), "lrs": list(cfg.eval.finetune_lrs), "steps": list(cfg.eval.finetune_steps),
            "block_size": cfg.eval.block_size}
-    cached = _read_json(path)
+    cached = run_folder.read_json(path)
     if cached is not None and cached.get("key") == key:
         return cached
     valid = eval_tasks(prepared, "valid", cfg.run.seed)
     if not valid:
-        raise ValueError("Finetune needs meta-validation scenarios to choose its lr and steps; the split has none")
+        raise DataError(f"{prepared.name}: Finetune needs meta-validation scenarios to choose its lr and steps; "
+                        f"the split has none (evaluate without it: --methods s2meta itempop global)")
     device = theta.device
     grid = FinetuneGrid(lrs=cfg.eval.finetune_lrs, steps=cfg.eval.finetune_steps)
     choice = select_finetune(model, theta, prepared.user_emb.to(device), prepared.item_emb.to(device), valid, grid,
@@ -222,32 +162,36 @@ def finetune_choice(cfg: Config, prepared: Any, model: Any, theta: torch.Tensor)
     choice["key"] = key
     log.info("finetune: chose lr=%g, steps=%d (validation %s %.4f)", choice["lr"], choice["steps"], grid.metric,
              choice["score"])
-    atomic_write_text(path, json.dumps(choice, indent=2) + "\n")
+    run_folder.write_json(path, choice)
     return choice
 
 
-def make_method(name: str, cfg: Config, prepared: Any, learner: Any = None) -> Any:
+def make_method(name: str, cfg: Config, prepared: PreparedData, learner: Optional[MetaLearner] = None) -> Method:
+    """The method `name` (a key of :data:`s2meta_fast.eval.METHODS`), ready to evaluate."""
     device = torch.device(cfg.run.device)
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; valid: {tuple(METHODS)}")
     if name == "itempop":
         return ItemPop(global_item_counts(prepared), device=device)
     if name == "s2meta":
         if learner is None:
             raise ValueError("s2meta needs a trained learner")
-        return S2Meta(learner, stop=cfg.eval.eval_stop)
-    from ..models import build_model
+        return S2Meta(learner, stop=cfg.stop_at_evaluation)
     model = build_model(cfg.train.model, prepared.embed_dim, fused=cfg.meta.fused)
     theta = global_theta(cfg, prepared, model, device)
     user_emb, item_emb = prepared.user_emb.to(device), prepared.item_emb.to(device)
     if name == "global":
         return GlobalModel(model, theta, user_emb, item_emb)
-    if name == "finetune":
-        choice = finetune_choice(cfg, prepared, model, theta)
-        return Finetune(model, theta, user_emb, item_emb, choice["lr"], choice["steps"])
-    raise ValueError(f"unknown method {name!r}")
+    choice = finetune_choice(cfg, prepared, model, theta)
+    return Finetune(model, theta, user_emb, item_emb, choice["lr"], choice["steps"])
 
 
-def evaluate_methods(cfg: Config, prepared: Any, learner: Any = None,
-                     stage_seconds: Optional[Dict[str, float]] = None) -> Dict[str, Any]:
+# --------------------------------------------------------------------------------------------
+# evaluation
+
+
+def evaluate_methods(cfg: Config, prepared: PreparedData, learner: Optional[MetaLearner] = None,
+                     stage_seconds: Optional[Mapping[str, float]] = None) -> Dict[str, Any]:
     """Evaluates cfg.eval.methods on the meta-test scenarios and writes results.json/.md.
 
     `stage_seconds` (e.g. prepare, meta-training wall times of this process) go into the
@@ -255,13 +199,13 @@ def evaluate_methods(cfg: Config, prepared: Any, learner: Any = None,
     """
     tasks = eval_tasks(prepared, "test", cfg.run.seed)
     if not tasks:
-        raise ValueError(f"{prepared.name}: no meta-test scenario; lower --min-items or raise --max-items")
+        raise DataError(f"{prepared.name}: no meta-test scenario; lower --min-items or raise --max-items")
     methods: Dict[str, Dict[str, float]] = {}
     timings: Dict[str, Any] = {k: round(v, 3) for k, v in (stage_seconds or {}).items()}
     n_users = None
     for name in cfg.eval.methods:
-        path = os.path.join(cfg.run.out, "methods", f"{name}.json")
-        cached = _read_json(path) if cfg.run.resume else None
+        path = run_folder.method_path(cfg.run.out, name)
+        cached = run_folder.read_json(path) if cfg.run.resume else None
         if cached is None:
             start = time.perf_counter()
             method = make_method(name, cfg, prepared, learner)
@@ -269,7 +213,7 @@ def evaluate_methods(cfg: Config, prepared: Any, learner: Any = None,
                            block_size=cfg.eval.block_size, max_pairs=cfg.eval.max_pairs,
                            progress=not cfg.run.quiet, desc=f"evaluate {name}")
             res["total_seconds"] = time.perf_counter() - start
-            atomic_write_text(path, json.dumps(res, indent=2) + "\n")
+            run_folder.write_json(path, res)
             cached = res
         methods[name] = cached["metrics"]
         timings[name] = {"evaluate_s": round(cached["seconds"], 3),
@@ -282,3 +226,7 @@ def evaluate_methods(cfg: Config, prepared: Any, learner: Any = None,
                         config=cfg.to_dict())
     write_results(cfg.run.out, doc)
     return doc
+
+
+__all__ = ["build_learner", "check_device", "eval_tasks", "evaluate_methods", "finetune_choice", "global_theta",
+           "load_learner", "make_method", "prepare_data", "train_meta", "validation_fn"]
