@@ -194,6 +194,7 @@ def test_fixed_step_ablation_is_validated_and_evaluated_as_trained(dataset, tmp_
 
 def test_preset_flag_and_the_command_line_default(tmp_path):
     assert cli.resolve_config(cli.parse(["run"])).preset == cli.DEFAULT_PRESET == "demo"
+    assert cli.resolve_config(cli.parse(["run"])).run.keep_freed_memory   # the command line opts in
     cfg = cli.resolve_config(cli.parse(["run", "--preset", "paper", "--meta-batch", "2"]))
     assert (cfg.preset, cfg.train.lr_init, cfg.train.meta_batch, cfg.meta.inner_batch) == ("paper", 1e-4, 2, 128)
     path = tmp_path / "c.yaml"
