@@ -16,8 +16,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from s2meta_fast.ops import _reference as ref
-from s2meta_fast.ops._testing import DIFFERENTIABLE, interaction_sizes, make_multi_args, with_grad
+from s2meta_fast.ops import reference as ref
+from s2meta_fast.ops.sample_inputs import DIFFERENTIABLE, interaction_sizes, make_multi_args, with_grad
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
 

@@ -154,7 +154,8 @@ class GraphedInnerLoop:
 
     def _capture(self, inputs: Dict[str, Tensor], noise: InnerNoise) -> _Captured:
         static_inputs = {name: tensor.clone() for name, tensor in inputs.items()}
-        static_noise = InnerNoise(*(None if t is None else t.clone() for t in (noise.neg, noise.stop, noise.theta0)))
+        static_noise = InnerNoise(*(None if t is None else t.clone() for t in (noise.neg, noise.stop, noise.theta0,
+                                                                                noise.pick)))
         static_batch = SimpleNamespace(**{name: static_inputs.get(name) for name in BATCH_FIELDS})
         params: List[torch.nn.Parameter] = [p for p in self.learner.parameters() if p.requires_grad]
         stream = torch.cuda.Stream()

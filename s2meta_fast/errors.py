@@ -1,0 +1,32 @@
+"""The package's own exceptions: a user's mistake or a missing input, never a bug.
+
+``s2meta`` reports an :class:`S2MetaError` as one line naming what to fix and lets anything
+else (a bug) show its traceback. Each class also subclasses the built-in exception a caller
+would naturally catch (a missing file is a ``FileNotFoundError``, a bad value a ``ValueError``),
+so generic handlers keep working. Nothing here imports the rest of the package: every layer
+may raise these.
+"""
+from __future__ import annotations
+
+
+class S2MetaError(Exception):
+    """Base class: the message says what was wrong and how to fix it."""
+
+
+class ConfigError(S2MetaError, ValueError):
+    """A config file, option or command line is invalid; the message says what was expected."""
+
+
+class DataError(S2MetaError):
+    """The data cannot serve the run: a raw file is missing or malformed, or a split is empty."""
+
+
+class RunFolderError(S2MetaError, FileNotFoundError):
+    """A run folder lacks what a command needs (a checkpoint, its config.yaml)."""
+
+
+class TrainingError(S2MetaError, RuntimeError):
+    """Meta-training cannot go on (e.g. the meta-loss stays non-finite); the last checkpoint is intact."""
+
+
+__all__ = ["ConfigError", "DataError", "RunFolderError", "S2MetaError", "TrainingError"]
