@@ -67,7 +67,7 @@ if command -v ncu >/dev/null; then
     --section SpeedOfLight --section LaunchStats --section Occupancy --section MemoryWorkloadAnalysis \
     --section ComputeWorkloadAnalysis "$PY" - <<'PY' > "$OUT_DIR/ncu_lstm_backward.txt" 2>&1
 import torch, s2meta_fast
-from s2meta_fast.ops._testing import interaction_sizes, make_multi_args, with_grad, DIFFERENTIABLE
+from s2meta_fast.ops.sample_inputs import interaction_sizes, make_multi_args, with_grad, DIFFERENTIABLE
 a = with_grad(make_multi_args(S=8, sizes=interaction_sizes(128), dtype=torch.float32, device="cuda"))
 ins = [a[k] for k in DIFFERENTIABLE if a[k] is not None]
 for _ in range(4):

@@ -17,12 +17,9 @@ import sys
 import torch
 
 from s2meta_fast import ops
-from s2meta_fast.ops import _reference as ref
+from s2meta_fast.ops import reference as ref
 
-try:  # the sample-input helpers moved between releases; either home serves
-    from s2meta_fast.ops.sample_inputs import make_multi_args, with_grad, DIFFERENTIABLE  # type: ignore
-except ImportError:
-    from s2meta_fast.ops._testing import make_multi_args, with_grad, DIFFERENTIABLE
+from s2meta_fast.ops.sample_inputs import make_multi_args, with_grad, DIFFERENTIABLE
 
 DEV = os.environ.get("GPU_SANITIZE_DEVICE", "cuda")  # "cpu" smoke-tests this script without a GPU
 failures: list = []

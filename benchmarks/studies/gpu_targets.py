@@ -28,12 +28,9 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [HERE, os.path.dirname(HERE)]
 
-from s2meta_fast.ops import _reference as ref  # noqa: E402
+from s2meta_fast.ops import reference as ref  # noqa: E402
 
-try:  # the sample-input helpers moved between releases; either home serves
-    from s2meta_fast.ops.sample_inputs import DIFFERENTIABLE, interaction_sizes, make_multi_args, with_grad  # noqa
-except ImportError:
-    from s2meta_fast.ops._testing import DIFFERENTIABLE, interaction_sizes, make_multi_args, with_grad  # noqa
+from s2meta_fast.ops.sample_inputs import DIFFERENTIABLE, interaction_sizes, make_multi_args, with_grad  # noqa: E402
 
 H = 16
 BYTES_PER_COORD_FP32 = (2 + 3) * 4 + 2 * 2 * H * 4  # 276
