@@ -28,9 +28,9 @@ timeout 120 "$PY" -m pytest benchmarks -q -k "cuda" -p no:cacheprovider \
   --benchmark-columns=min,median,mean,rounds --benchmark-json="$OUT_DIR/bench.json" \
   2>&1 | tee "$OUT_DIR/bench.log" | tail -40
 
-timeout 90 "$PY" benchmarks/throughput.py --device cuda --batches 1,8,64 --steps 10 2>&1 | tee "$OUT_DIR/throughput.log"
-timeout 45 "$PY" benchmarks/bench_eval.py --device cuda --blocks 1,8,64 2>&1 | tee "$OUT_DIR/eval.log"
-timeout 45 "$PY" benchmarks/cost_model.py --device cuda --steps 5 2>&1 | tee "$OUT_DIR/cost_model.log"
+timeout 90 "$PY" benchmarks/studies/throughput.py --device cuda --batches 1,8,64 --steps 10 2>&1 | tee "$OUT_DIR/throughput.log"
+timeout 45 "$PY" benchmarks/studies/eval_throughput.py --device cuda --blocks 1,8,64 2>&1 | tee "$OUT_DIR/eval.log"
+timeout 45 "$PY" benchmarks/studies/cost_model.py --device cuda --steps 5 2>&1 | tee "$OUT_DIR/cost_model.log"
 
 "$PY" benchmarks/summarize.py "$OUT_DIR/bench.json" || true
 echo "total: $(( $(date +%s) - start )) s"
