@@ -120,7 +120,7 @@ def task_sampler(prepared: Any, seed: int) -> Any:
 
 
 def eval_tasks(prepared: Any, split: str, seed: int) -> List[Any]:
-    """The SPEC §6 evaluation tasks of a split, fixed by the seed (a fresh sampler per split)."""
+    """The docs/spec.md §6 evaluation tasks of a split, fixed by the seed (a fresh sampler per split)."""
     return task_sampler(prepared, seed).eval_tasks(prepared.scenarios(split))
 
 

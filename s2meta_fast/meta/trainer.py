@@ -32,7 +32,7 @@ class NonFiniteMetaLoss(RuntimeError):
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Outer-loop settings (SPEC §5). Defaults follow the authors' code.
+    """Outer-loop settings (docs/spec.md §5). Defaults follow the authors' code.
 
     Attributes:
         optimizer: "adam" (authors' code) or "sgd" (the paper: lr 1e-4, weight decay 1e-5).
