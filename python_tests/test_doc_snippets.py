@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 FENCE = re.compile(r"^```(?P<info>[^\n`]*)\n(?P<body>.*?)^```[ \t]*$", re.MULTILINE | re.DOTALL)
 MAX_NO_RUN = 1
-MIN_SNIPPETS = 4  # README: backend, FastUpdateController; data.md: prepare; design.md: UpdateController
+MIN_SNIPPETS = 5  # README: backend, FastUpdateController; data.md: prepare; design.md: UpdateController; ops.md
 HAS_RECBOLE = importlib.util.find_spec("recbole") is not None
 
 
