@@ -36,6 +36,18 @@ def python_blocks():
 BLOCKS = python_blocks()
 
 
+def test_python_is_fenced_as_python():
+    """A block fenced `py`, `python3`, `pycon`... would escape the runner."""
+    odd = []
+    for path in DOCS:
+        text = path.read_text(encoding="utf-8")
+        for match in FENCE.finditer(text):
+            words = match["info"].split()
+            if words and words[0].lower().startswith("py") and words[0] != "python":
+                odd.append(f"{path.relative_to(ROOT)}:{text.count(chr(10), 0, match.start()) + 1}: {words[0]}")
+    assert not odd, f"fence these as ```python (or ```text for listings that are not code): {odd}"
+
+
 def test_snippets_are_found_and_exceptions_are_few():
     runnable = [b for b in BLOCKS if "no-run" not in b[1]]
     assert len(runnable) >= MIN_SNIPPETS, [b[0] for b in BLOCKS]
