@@ -5,7 +5,9 @@
   compiled   torch.compile of the reference (on the GPU with mode="reduce-overhead": CUDA graphs)
 Sizes: the interaction recommender's θ at d = 64 (10,881 scalars) and d = 128 (43,265), and 1M
 scalars. Values span both branches of Eq. 12 (|x| from 1e-7 to 1e2). Every case first checks
-the output (and, for forward+backward, the gradient) against the reference. Run:
+the output (and, for forward+backward, the gradient) against the reference. At these sizes an
+OpenMP thread that the OS has descheduled costs milliseconds, so on a shared machine set
+OMP_NUM_THREADS=1 for stable numbers. Run:
     python -m pytest benchmarks/bench_grad_preprocess.py --benchmark-columns=min,median,rounds
 """
 from __future__ import annotations
