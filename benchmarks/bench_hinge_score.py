@@ -49,7 +49,7 @@ def train_step(hinge, user, pos, neg, params):
 
 def direct_step(user, pos, neg, params):
     """The same through the two ops without autograd, as a first-order inner loop can call them
-    (SPEC §5: the inner gradient is a constant), skipping ~100 us of autograd bookkeeping."""
+    (docs/spec.md §5: the inner gradient is a constant), skipping ~100 us of autograd bookkeeping."""
     half = len(params) // 2
     weights, biases = [p.detach() for p in params[:half]], [p.detach() for p in params[half:]]
     loss, pos_score, neg_score = torch.ops.s2meta.hinge_score(user, pos, neg, weights, biases, 1.0)

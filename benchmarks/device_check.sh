@@ -46,10 +46,10 @@ step "GPU targets (controller step, 8M bandwidth, sync-free graph replay)"
 timeout 150 "$PY" benchmarks/studies/gpu_targets.py --json "$OUT_DIR/targets.json" 2>&1 | tail -40
 
 step "meta-training throughput, 20 inner updates"
-timeout 100 "$PY" benchmarks/throughput.py --device cuda --batches 1,8,64 --steps 10 --json "$OUT_DIR/throughput.json"
+timeout 100 "$PY" benchmarks/studies/throughput.py --device cuda --batches 1,8,64 --steps 10 --json "$OUT_DIR/throughput.json"
 
 step "evaluation throughput"
-timeout 60 "$PY" benchmarks/bench_eval.py --device cuda --blocks 1,8,64 --json "$OUT_DIR/eval.json"
+timeout 60 "$PY" benchmarks/studies/eval_throughput.py --device cuda --blocks 1,8,64 --json "$OUT_DIR/eval.json"
 
 [ "${1:-}" = quick ] && { step "quick: done"; exit 0; }
 
@@ -86,7 +86,7 @@ timeout 200 "$PY" -m pytest benchmarks -q -k "cuda" -p no:cacheprovider \
 "$PY" benchmarks/summarize.py "$OUT_DIR/bench.json" 2>&1 | tail -60 || true
 
 step "cost model"
-timeout 60 "$PY" benchmarks/cost_model.py --device cuda --steps 5
+timeout 60 "$PY" benchmarks/studies/cost_model.py --device cuda --steps 5
 
 step "summary"
 "$PY" - "$OUT_DIR" <<'PY'

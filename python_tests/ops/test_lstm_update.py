@@ -21,7 +21,7 @@ requires_cuda = pytest.mark.skipif(not (torch.cuda.is_available() and s2meta_fas
                                    reason="needs a GPU and the compiled CUDA kernels")
 
 # fp32: the kernel's activations differ from ATen's by a few ulp and LayerNorm amplifies that by
-# its rstd, so values are compared at 1e-5 relative (SPEC §8) with a matching absolute floor.
+# its rstd, so values are compared at 1e-5 relative (docs/spec.md §8) with a matching absolute floor.
 TOL = {torch.float64: dict(rtol=1e-10, atol=1e-12), torch.float32: dict(rtol=1e-5, atol=1e-5)}
 OUTPUTS = ("theta_new", "h_new", "c_new", "alpha", "beta")
 

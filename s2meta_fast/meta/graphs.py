@@ -1,4 +1,4 @@
-"""CUDA-graph capture of the whole inner loop (issue 4).
+"""CUDA-graph capture of the whole inner loop.
 
 The inner loop is launch-bound at the paper's sizes (a 10,881-scalar recommender, 64 pairs):
 each of its T_max steps is a few dozen small kernels. Captured once per input shape and

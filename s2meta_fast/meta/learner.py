@@ -98,7 +98,7 @@ class MetaLossTerms:
 
 
 class MetaLearner(nn.Module):
-    """s²Meta's meta learner over a recommender with a flat θ (paper §4.2, SPEC §3-5).
+    """s²Meta's meta learner over a recommender with a flat θ (paper §4.2, docs/spec.md §3-5).
 
     Args:
         model: a recommender from :func:`s2meta_fast.models.build_model`.
@@ -327,7 +327,7 @@ class MetaLearner(nn.Module):
                   noise: Optional[InnerNoise] = None) -> MetaLossTerms:
         """Query hinge loss after adaptation plus the stop controller's REINFORCE surrogate.
 
-        For scenario s with T updates, the surrogate is (SPEC §4, paper Eqs. 10-11)
+        For scenario s with T updates, the surrogate is (docs/spec.md §4, paper Eqs. 10-11)
         ``Σ_{t non-stopping} −log(1 − p⁽ᵗ⁾) · (L_test(θ⁽ᵗ⁾) − L_test(θ⁽ᵀ⁾))`` with the advantage
         detached (0-based t: θ⁽ᵗ⁾ is the parameter the step started from). The stopping step's
         own term has return L_test(θ⁽ᵀ⁾) − L_test(θ⁽ᵀ⁾) = 0, so it is omitted (docs/method.md).

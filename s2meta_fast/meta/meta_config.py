@@ -13,7 +13,7 @@ STATE_INITS = ("zeros", "normal")
 
 @dataclass(frozen=True)
 class MetaConfig:
-    """The meta learner's settings (SPEC §3-5); defaults reproduce the paper and authors' code.
+    """The meta learner's settings (docs/spec.md §3-5); defaults reproduce the paper and authors' code.
 
     Attributes:
         hidden_size: H, the update controller's LSTM width per coordinate.

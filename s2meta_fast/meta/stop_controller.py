@@ -1,4 +1,4 @@
-"""Stop controller (SPEC §4, paper Eq. 9): an LSTM over the step's loss and gradient norms."""
+"""Stop controller (docs/spec.md §4, paper Eq. 9): an LSTM over the step's loss and gradient norms."""
 from __future__ import annotations
 
 from typing import Tuple

@@ -34,7 +34,7 @@ class NonFiniteMetaLoss(TrainingError):
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Meta-training settings (the outer loop of Algorithm 1). Defaults follow the authors' code.
+    """Meta-training settings (the outer loop of Algorithm 1, docs/spec.md §5). Defaults follow the authors' code.
 
     These defaults are the one set the library and the command line share; the command line
     starts from a named preset on top of them (``s2meta_fast.config.PRESETS``: "demo", sized for a

@@ -1,4 +1,4 @@
-"""The update controller of s²Meta (SPEC §3): one coordinatewise LSTM per adapted tensor.
+"""The update controller of s²Meta (docs/spec.md §3): one coordinatewise LSTM per adapted tensor.
 
 Every scalar of the recommender's flat parameters θ ``[S, N]`` carries its own LSTM state
 ``(h, c)``; the K tensors (segments of θ, see :attr:`offsets`) each have their own controller
@@ -99,7 +99,7 @@ class _UpdateControllerBase(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """SPEC §3 initialisation (the authors' code), including their bias quirk."""
+        """docs/spec.md §3 initialisation (the authors' code), including their bias quirk."""
         H = self.hidden_size
         bound = 1.0 / math.sqrt(H)  # nn.LSTMCell's default
         with torch.no_grad():

@@ -50,7 +50,7 @@ def lstm_update(theta: Tensor, grad: Tensor, loss: Tensor, h: Tensor, c: Tensor,
                 w_ih: Tensor, w_hh: Tensor, b_ih: Tensor, b_hh: Tensor,
                 ln_weight: Optional[Tensor], ln_bias: Optional[Tensor], w_gate: Tensor, b_gate: Tensor,
                 p: float = 10.0, clip: float = 1.0) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """One coordinatewise-LSTM update of a parameter tensor (SPEC §3).
+    """One coordinatewise-LSTM update of a parameter tensor (docs/spec.md §3).
 
     Args:
         theta: parameters, any shape (N scalars).
@@ -122,7 +122,7 @@ def hinge_score_grad(user_emb: Tensor, pos_emb: Tensor, neg_emb: Tensor, weights
                      ) -> Tuple[Tensor, Tensor, Tensor, List[Tensor], List[Tensor]]:
     """:func:`hinge_score` and the gradient of its loss w.r.t. the MLP, in one fused pass.
 
-    For a first-order inner loop (SPEC §5), which uses the gradient as a value: cheaper than
+    For a first-order inner loop (docs/spec.md §5), which uses the gradient as a value: cheaper than
     ``hinge_score`` followed by ``torch.autograd.grad`` (one pass instead of two, no autograd
     bookkeeping). The outputs are not differentiable.
 

@@ -1,4 +1,4 @@
-// lstm_update_multi on the GPU: the coordinatewise-LSTM step of SPEC §3 (formula in
+// lstm_update_multi on the GPU: the coordinatewise-LSTM step of docs/spec.md §3 (formula in
 // ops/lstm_update.h) and its fused backward, one thread per coordinate.
 //
 // Each block serves one controller: the host assigns every segment its own range of blocks

@@ -1,6 +1,6 @@
 """score_matrix: fake shape function and autograd.
 
-The backward differentiates the pure-PyTorch twin: ranking (SPEC §6) needs no gradients, so the
+The backward differentiates the pure-PyTorch twin: ranking (docs/spec.md §6) needs no gradients, so the
 only callers of this backward are tests and occasional analysis, where clarity beats a kernel.
 """
 from __future__ import annotations

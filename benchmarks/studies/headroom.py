@@ -20,8 +20,8 @@ scenario-specific adaptation from 64 pairs, whatever the method.
 
 Usage (one intra-op thread; 10-20 s of CPU per run folder on ml100k; results: docs/results.md):
 
-    OMP_NUM_THREADS=1 python benchmarks/headroom.py runs/demo [/tmp/seed1 ...] [--json out.json]
-    OMP_NUM_THREADS=1 python benchmarks/headroom.py OUT --heldout-user-frac 0   # a shared-user run
+    OMP_NUM_THREADS=1 python benchmarks/studies/headroom.py runs/demo [/tmp/seed1 ...] [--json out.json]
+    OMP_NUM_THREADS=1 python benchmarks/studies/headroom.py OUT --heldout-user-frac 0   # a shared-user run
 """
 from __future__ import annotations
 
