@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import s2meta_fast  # noqa: F401  (loads torch.ops.s2meta)
-from s2meta_fast.ops import _reference as ref
+from s2meta_fast.ops import reference as ref
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
 
