@@ -58,6 +58,7 @@ struct Args {
   int64_t S, N, P;
   int H;
   bool layer_norm;
+  bool vec_rows;  // rows of h, c and their gradients move as 16-byte vectors (see load_row)
   T p, threshold, exp_p, clip, eps;
 };
 
@@ -73,10 +74,12 @@ __device__ __forceinline__ T tanh_(T x) {
   return ::tanh(x);
 }
 
-// A coordinate's H-wide row of h, c or their gradients: one thread reads or writes 16 H bytes.
-// In the EXACT path every row starts 16-byte aligned (the launcher checks the base pointers), so
-// a row moves as H/4 (fp32) or H/2 (fp64) 16-byte vectors: a quarter (half) of the memory
-// instructions, and full sectors where scalar accesses left 28 of every 32 bytes idle.
+// A coordinate's H-wide row of h, c or their gradients: one thread reads or writes H values.
+// With a.vec_rows (H == MAXH and every such row 16-byte aligned, checked by the launcher) a row
+// moves as 16-byte vectors: a quarter (fp32) or half (fp64) of the memory instructions, and full
+// sectors where scalar accesses used 4 of every 32 bytes per instruction. The flag is uniform
+// across the grid, so the branch costs nothing. (Making H a compile-time constant instead let the
+// compiler hoist all 4H(5 + H) shared-memory weight loads: 5 KB of spills per thread.)
 template <typename T>
 struct Vec16;
 template <>
@@ -90,9 +93,10 @@ struct Vec16<double> {
   static constexpr int n = 2;
 };
 
-template <typename T, int MAXH, bool EXACT>
-__device__ __forceinline__ void load_row(const T* row, int H, T (&v)[MAXH]) {
-  if constexpr (EXACT && MAXH % Vec16<T>::n == 0) {
+template <typename T, int MAXH>
+__device__ __forceinline__ void load_row(const T* row, int H, bool vec, T (&v)[MAXH]) {
+  static_assert(MAXH % Vec16<T>::n == 0, "rows move in whole 16-byte vectors");
+  if (vec) {
     using V = typename Vec16<T>::type;
     constexpr int n = Vec16<T>::n;
     const V* p = reinterpret_cast<const V*>(row);
@@ -109,9 +113,9 @@ __device__ __forceinline__ void load_row(const T* row, int H, T (&v)[MAXH]) {
   }
 }
 
-template <typename T, int MAXH, bool EXACT>
-__device__ __forceinline__ void store_row(T* row, int H, const T (&v)[MAXH]) {
-  if constexpr (EXACT && MAXH % Vec16<T>::n == 0) {
+template <typename T, int MAXH>
+__device__ __forceinline__ void store_row(T* row, int H, bool vec, const T (&v)[MAXH]) {
+  if (vec) {
     using V = typename Vec16<T>::type;
     constexpr int n = Vec16<T>::n;
     V* p = reinterpret_cast<V*>(row);
@@ -189,31 +193,30 @@ __device__ __forceinline__ void unit_gates(const T* sw, int H, int q, const T (&
 
 // Forward of one coordinate up to the heads. Leaves the features in x, h in h_prev, the
 // normalised units (or, without LayerNorm, the units) in xhat; writes c' to c_out if given.
-template <typename T, int MAXH, bool EXACT>
+template <typename T, int MAXH>
 __device__ __forceinline__ void coord_forward(const Args<T>& a, const T* sw, int64_t s, int64_t idx, T (&x)[kFeatures],
                                               T (&h_prev)[MAXH], T (&xhat)[MAXH], T& rstd, T& alpha, T& beta, T& g,
                                               T& th, T* c_out) {
-  const int H = EXACT ? MAXH : a.H;
+  const int H = a.H;
   g = lstm::clamp_keep_nan(a.grad[idx], a.clip);
   th = a.theta[idx];
   preprocess_scalar(g, a.p, a.threshold, a.exp_p, &x[0], &x[1]);
   preprocess_scalar(th, a.p, a.threshold, a.exp_p, &x[2], &x[3]);
   T unused;
   preprocess_scalar(a.loss[s], a.p, a.threshold, a.exp_p, &x[4], &unused);
-  load_row<T, MAXH, EXACT>(a.h + idx * H, H, h_prev);
-  T c_row[MAXH];
-  load_row<T, MAXH, EXACT>(a.c + idx * H, H, c_row);
+  load_row<T, MAXH>(a.h + idx * H, H, a.vec_rows, h_prev);
+  // c stays scalar: a [MAXH] array for it would cost 47 more registers in the forward
+  const T* c_row = a.c + idx * H;
 #pragma unroll
   for (int q = 0; q < MAXH; ++q) {
     if (q < H) {
       T gi, gf, gg, go;
       unit_gates<T, MAXH>(sw, H, q, x, h_prev, gi, gf, gg, go);
       const T c_new = gf * c_row[q] + gi * gg;
-      c_row[q] = c_new;
+      if (c_out != nullptr) c_out[idx * H + q] = c_new;
       xhat[q] = go * tanh_(c_new);
     }
   }
-  if (c_out != nullptr) store_row<T, MAXH, EXACT>(c_out + idx * H, H, c_row);
   const T* rest = sw + controller_smem_elems<T>(H) - 4 * H - 2;
   rstd = T(1);
   if (a.layer_norm) {
@@ -247,27 +250,24 @@ __device__ __forceinline__ void coord_forward(const Args<T>& a, const T* sw, int
   beta = sigmoid(zb);
 }
 
-// EXACT: H == MAXH, known at compile time. Every `q < H` guard then folds away and the
-// shared-memory weight rows sit at constant offsets, which the compiler loads as 16-byte vectors;
-// the runtime-H instantiation serves the smaller hidden sizes.
-template <typename T, int MAXH, bool EXACT>
+template <typename T, int MAXH>
 __global__ void lstm_forward_kernel(Args<T> a, Segments seg) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* sw = reinterpret_cast<T*>(smem_raw);
   const int k = controller_of_block(seg, blockIdx.x);
   load_controller(a, k, sw);
   __syncthreads();
-  const int H = EXACT ? MAXH : a.H;
+  const int H = a.H;
   const int64_t lo = seg.offsets[k], n = seg.offsets[k + 1] - lo, total = n * a.S;
   const int64_t stride = int64_t(seg.block_start[k + 1] - seg.block_start[k]) * blockDim.x;
   const T* rest = sw + controller_smem_elems<T>(H) - 4 * H - 2;
   for (int64_t t = int64_t(blockIdx.x - seg.block_start[k]) * blockDim.x + threadIdx.x; t < total; t += stride) {
     const int64_t s = t / n, idx = s * a.N + lo + t % n;
     T x[kFeatures], h_prev[MAXH], xhat[MAXH], rstd, alpha, beta, g, th;
-    coord_forward<T, MAXH, EXACT>(a, sw, s, idx, x, h_prev, xhat, rstd, alpha, beta, g, th, a.c_new);
+    coord_forward<T, MAXH>(a, sw, s, idx, x, h_prev, xhat, rstd, alpha, beta, g, th, a.c_new);
 #pragma unroll
     for (int q = 0; q < MAXH; ++q) xhat[q] = q < H ? xhat[q] * rest[q] + rest[H + q] : T(0);
-    store_row<T, MAXH, EXACT>(a.h_new + idx * H, H, xhat);
+    store_row<T, MAXH>(a.h_new + idx * H, H, a.vec_rows, xhat);
     a.alpha[idx] = alpha;
     a.beta[idx] = beta;
     a.theta_new[idx] = beta * th - alpha * g;
@@ -281,11 +281,11 @@ __host__ __device__ inline int stash_elems(int H) { return 4 * H + (kFeatures + 
 // warp writes at once fall in 32 different banks (136 at H = 16 put them in 8).
 __host__ __device__ inline int stash_stride(int H) { return stash_elems(H) | 1; }
 
-template <typename T, int MAXH, bool EXACT>
+template <typename T, int MAXH>
 __global__ void lstm_backward_kernel(Args<T> a, Segments seg) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* sw = reinterpret_cast<T*>(smem_raw);
-  const int H = EXACT ? MAXH : a.H, G = 4 * H, F1 = kFeatures + H + 1, V = stash_stride(H);
+  const int H = a.H, G = 4 * H, F1 = kFeatures + H + 1, V = stash_stride(H);
   T* stash = sw + controller_smem_elems<T>(H);
   const int k = controller_of_block(seg, blockIdx.x);
   load_controller(a, k, sw);
@@ -308,14 +308,14 @@ __global__ void lstm_backward_kernel(Args<T> a, Segments seg) {
     if (t < total) {
       const int64_t s = t / n, idx = s * a.N + lo + t % n;
       T x[kFeatures], h_prev[MAXH], xhat[MAXH], rstd, alpha, beta, g, th;
-      coord_forward<T, MAXH, EXACT>(a, sw, s, idx, x, h_prev, xhat, rstd, alpha, beta, g, th, nullptr);
+      coord_forward<T, MAXH>(a, sw, s, idx, x, h_prev, xhat, rstd, alpha, beta, g, th, nullptr);
 
       const T dtn = a.d_theta_new[idx];
       a.d_theta[idx] = dtn * beta;
       const T dza = (a.d_alpha[idx] - dtn * g) * alpha * (T(1) - alpha);
       const T dzb = (a.d_beta[idx] + dtn * th) * beta * (T(1) - beta);
       T du[MAXH];  // holds dh' until it is overwritten by the LayerNorm input gradient
-      load_row<T, MAXH, EXACT>(a.d_h_new + idx * H, H, du);
+      load_row<T, MAXH>(a.d_h_new + idx * H, H, a.vec_rows, du);
       T m1 = T(0), m2 = T(0);
 #pragma unroll
       for (int q = 0; q < MAXH; ++q) {
@@ -344,7 +344,7 @@ __global__ void lstm_backward_kernel(Args<T> a, Segments seg) {
       for (int q = 0; q < MAXH; ++q) dh[q] = T(0);
       const T* c_row = a.c + idx * H;
       T dc[MAXH];  // dc' in, dc out
-      load_row<T, MAXH, EXACT>(a.d_c_new + idx * H, H, dc);
+      load_row<T, MAXH>(a.d_c_new + idx * H, H, a.vec_rows, dc);
 #pragma unroll
       for (int q = 0; q < MAXH; ++q) {
         if (q < H) {
@@ -366,8 +366,8 @@ __global__ void lstm_backward_kernel(Args<T> a, Segments seg) {
           }
         }
       }
-      store_row<T, MAXH, EXACT>(a.d_c + idx * H, H, dc);
-      store_row<T, MAXH, EXACT>(a.d_h + idx * H, H, dh);
+      store_row<T, MAXH>(a.d_c + idx * H, H, a.vec_rows, dc);
+      store_row<T, MAXH>(a.d_h + idx * H, H, a.vec_rows, dh);
 #pragma unroll
       for (int j = 0; j < kFeatures; ++j) mine[G + j] = x[j];
 #pragma unroll
@@ -492,9 +492,9 @@ void allow_shared(Kernel kernel, size_t bytes) {
 // build short (the paper uses H = 16).
 constexpr int kMaxHiddenCuda = 16;
 
-// The EXACT kernels: H at its compile-time maximum and every [.., H] row 16-byte aligned (rows are
-// 16 H bytes apart, so aligned bases suffice; a tensor sliced at an odd offset takes the other path).
-bool exact_rows(int H, std::initializer_list<const void*> rows) {
+// Rows move as 16-byte vectors when H is the kernels' maximum and every row is 16-byte aligned
+// (rows are 16 H bytes apart, so aligned bases suffice; a tensor sliced at an odd offset does not).
+bool vector_rows(int H, std::initializer_list<const void*> rows) {
   if (H != kMaxHiddenCuda) return false;
   for (const void* p : rows)
     if (reinterpret_cast<uintptr_t>(p) % 16 != 0) return false;
@@ -535,11 +535,8 @@ OutputTuple lstm_update_multi_cuda(const at::Tensor& theta_in, const at::Tensor&
     a.alpha = out.alpha.mutable_data_ptr<scalar_t>();
     a.beta = out.beta.mutable_data_ptr<scalar_t>();
     const size_t smem = sizeof(scalar_t) * controller_smem_elems<scalar_t>(a.H);
-    if (exact_rows(a.H, {a.h, a.c, a.h_new, a.c_new})) {
-      lstm_forward_kernel<scalar_t, kMaxHiddenCuda, true><<<blocks, kForwardThreads, smem, stream>>>(a, seg);
-    } else {
-      lstm_forward_kernel<scalar_t, kMaxHiddenCuda, false><<<blocks, kForwardThreads, smem, stream>>>(a, seg);
-    }
+    a.vec_rows = vector_rows(a.H, {a.h, a.h_new});
+    lstm_forward_kernel<scalar_t, kMaxHiddenCuda><<<blocks, kForwardThreads, smem, stream>>>(a, seg);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return out.as_tuple();
@@ -594,13 +591,9 @@ lstm::GradientTuple lstm_update_multi_backward_cuda(
     a.g_b_gate = g.d_b_gate.mutable_data_ptr<scalar_t>();
     const size_t smem =
         sizeof(scalar_t) * (controller_smem_elems<scalar_t>(a.H) + size_t(kBackwardThreads) * stash_stride(a.H));
-    if (exact_rows(a.H, {a.h, a.c, a.d_h_new, a.d_c_new, a.d_h, a.d_c})) {
-      allow_shared(lstm_backward_kernel<scalar_t, kMaxHiddenCuda, true>, smem);
-      lstm_backward_kernel<scalar_t, kMaxHiddenCuda, true><<<blocks, kBackwardThreads, smem, stream>>>(a, seg);
-    } else {
-      allow_shared(lstm_backward_kernel<scalar_t, kMaxHiddenCuda, false>, smem);
-      lstm_backward_kernel<scalar_t, kMaxHiddenCuda, false><<<blocks, kBackwardThreads, smem, stream>>>(a, seg);
-    }
+    a.vec_rows = vector_rows(a.H, {a.h, a.d_h_new, a.d_c_new, a.d_h, a.d_c});
+    allow_shared(lstm_backward_kernel<scalar_t, kMaxHiddenCuda>, smem);
+    lstm_backward_kernel<scalar_t, kMaxHiddenCuda><<<blocks, kBackwardThreads, smem, stream>>>(a, seg);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     const int64_t reduce_items = d.K * P;
     const int reduce_threads = 256;
