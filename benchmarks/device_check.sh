@@ -3,6 +3,8 @@
 # 16 cores, no network): build, CUDA tests, sanitizers, the GPU targets, throughput, benchmarks,
 # Nsight Compute on the controller backward, a short table last.
 # Usage (from the repo root on the GPU machine):  bash benchmarks/device_check.sh [quick]
+# Knobs for a shorter rerun: DC_BENCH="pytest -k expression" (default "cuda": every CUDA row),
+# DC_COMPILE=0 (gpu_targets without its torch.compile variants).
 # Everything goes to ${OUT:-/tmp/s2meta_device}: device_check.log (all output) and a few JSON files
 # (the device tool returns at most 8 files). Each step has its own time cap, most important first.
 set -uo pipefail
@@ -43,7 +45,8 @@ PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout 120 compute-sanitizer --tool memcheck -
 echo "memcheck exit: ${PIPESTATUS[0]}"
 
 step "GPU targets (controller step, 8M bandwidth, sync-free graph replay)"
-timeout 150 "$PY" benchmarks/studies/gpu_targets.py --json "$OUT_DIR/targets.json" 2>&1 | tail -40
+timeout 150 "$PY" benchmarks/studies/gpu_targets.py --json "$OUT_DIR/targets.json" \
+  $([ "${DC_COMPILE:-1}" = 0 ] && echo --no-compile) 2>&1 | tail -40
 
 step "meta-training throughput, 20 inner updates"
 timeout 100 "$PY" benchmarks/studies/throughput.py --device cuda --batches 1,8,64 --steps 10 --json "$OUT_DIR/throughput.json"
@@ -81,7 +84,7 @@ else
 fi
 
 step "pytest-benchmark on CUDA: fused vs reference vs torch.compile"
-timeout 200 "$PY" -m pytest benchmarks -q -k "cuda" -p no:cacheprovider \
+timeout 200 "$PY" -m pytest benchmarks -q -k "${DC_BENCH:-cuda}" -p no:cacheprovider \
   --benchmark-columns=min,median,mean,rounds --benchmark-json="$OUT_DIR/bench.json" 2>&1 | tail -8
 "$PY" benchmarks/summarize.py "$OUT_DIR/bench.json" 2>&1 | tail -60 || true
 
