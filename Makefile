@@ -40,8 +40,14 @@ demo: install
 test: install
 	S2META_REQUIRE_EXT=1 $(PY) -m pytest python_tests -q
 
+# Every fused-vs-reference-vs-torch.compile comparison in benchmarks/bench_*.py (CUDA rows skipped
+# without a GPU): pytest-benchmark's table, then each case's speed-up over the reference.
+BENCH_JSON ?= runs/bench.json
 bench: install
-	S2META_REQUIRE_EXT=1 $(PY) -m pytest benchmarks -q --benchmark-columns=min,median,mean,rounds
+	mkdir -p $(dir $(BENCH_JSON))
+	S2META_REQUIRE_EXT=1 $(PY) -m pytest benchmarks -q -p no:cacheprovider \
+		--benchmark-columns=min,median,mean,rounds --benchmark-json=$(BENCH_JSON)
+	$(PY) benchmarks/summarize.py $(BENCH_JSON)
 
 clean:
 	rm -rf build *.egg-info s2meta_fast/_C*.so s2meta_fast/_build_info.py $(VENV)/.built

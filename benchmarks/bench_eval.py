@@ -1,114 +1,67 @@
-"""Evaluation throughput: scenarios/s of the Table-3 protocol for s²Meta, pure vs fused.
+"""pytest-benchmark: evaluating s²Meta on a block of scenarios, fused vs reference.
 
-One evaluated scenario = adapt on its 64 support pairs (T = 20 inner updates, the stop
-controller bypassed with ``stop="fixed"`` so every configuration does the same work) + score all
-its items for all its evaluation users + Recall/NDCG/HitRate@{10,20,50}.
-
-Configurations (issue 4):
-  pure        reference ops + UpdateController, one scenario per block (like the authors' code)
-  fused B=k   fused ops + FastUpdateController, k scenarios adapted and scored per call
-
-Workload: the MovieLens-sized recommender (interaction, d = 64), scenarios of 300 items and
-300 evaluation users with 10 positives each (all users × all items: 90,000 scores per scenario).
-Before timing, pure and fused at B = 1 (identical random draws) must give the same metrics.
-
-Usage:
-  python benchmarks/bench_eval.py                         # CPU (and CUDA when available)
-  python benchmarks/bench_eval.py --device cuda --blocks 1,8,64 --scenarios 256
+One round evaluates the same 8 scenarios under the Table-3 protocol: adapt each on its 64 support
+pairs (20 fixed inner updates, so every path does the same work), score all its items for all its
+300 evaluation users, Recall/NDCG/HitRate@{10,20,50} (workload in ``benchmarks/workloads.py``).
+  reference  reference ops + UpdateController, one scenario per block (as the authors' code)
+  fused      fused ops + FastUpdateController, 1 or 8 scenarios adapted and scored per call
+There is no torch.compile row, for the reason given in bench_meta_step.py (the inner loop takes
+``torch.autograd.grad`` at every step). Before timing, the reference and the fused path at
+block 1 (identical random draws) must give the same metrics. Scenarios/s for larger runs and
+more block sizes: ``benchmarks/studies/eval_throughput.py``. Run:
+    python -m pytest benchmarks/bench_eval.py --benchmark-columns=min,median,rounds
 """
 from __future__ import annotations
 
-import argparse
-import json
-import sys
-import time
-import warnings
+import functools
 
-import numpy as np
+import pytest
 import torch
 
-from s2meta_fast.data.tasks import EvalTask
+from s2meta_fast.eval import S2Meta, evaluate
+from workloads import make_eval_learner, make_eval_tasks
 
-N_USERS, N_ITEMS, DIM, POOL, USERS, POSITIVES, SUPPORT = 6000, 4000, 64, 300, 300, 10, 64
+pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
 
-
-
-
-def make_tasks(n: int, seed: int = 0) -> list:
-    rng = np.random.default_rng(seed)
-    tasks = []
-    for s in range(n):
-        items = np.sort(rng.choice(N_ITEMS, POOL, replace=False))
-        users = np.sort(rng.choice(N_USERS, USERS, replace=False))
-        positives = np.concatenate([np.sort(rng.choice(items, POSITIVES, replace=False)) for _ in users])
-        index = rng.integers(0, POOL, SUPPORT)
-        tasks.append(EvalTask(f"s{s:05d}", rng.choice(users, SUPPORT), items[index], items, users,
-                          np.arange(0, USERS * POSITIVES + 1, POSITIVES), positives, index))
-    return tasks
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                 reason="needs a CUDA device"))]
+SCENARIOS = 8
+KS = (10, 20, 50)
 
 
-def make_learner(fused: bool, device: str):
-    from s2meta_fast.meta import MetaConfig, MetaLearner
-    from s2meta_fast.models import build_model
-
-    torch.manual_seed(0)
-    gen = torch.Generator().manual_seed(1)
-    user_emb = torch.randn(N_USERS, DIM, generator=gen) * 0.3
-    item_emb = torch.randn(N_ITEMS, DIM, generator=gen) * 0.3
-    model = build_model("interaction", DIM, fused=fused)
-    cfg = MetaConfig(fused=fused, stop="fixed", steps=20)
-    return MetaLearner(model, user_emb, item_emb, cfg).to(device)
+@pytest.fixture(autouse=True)
+def one_cpu_thread():
+    """Per-scenario tensors are small: intra-op threads cost more in wake-ups than they save."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
-def run(fused: bool, block: int, tasks: list, device: str) -> dict:
-    from s2meta_fast.eval import S2Meta, evaluate
-
-    method = S2Meta(make_learner(fused, device), stop="fixed")
-    evaluate(method, tasks[:block], (20,), device=device, block_size=block, progress=False)   # warm-up
+def _evaluate(method, tasks, block: int, device: str) -> dict:
+    result = evaluate(method, tasks, KS, device=device, block_size=block, progress=False)
     if device == "cuda":
         torch.cuda.synchronize()
-    start = time.perf_counter()
-    res = evaluate(method, tasks, (10, 20, 50), device=device, block_size=block, progress=False)
-    seconds = time.perf_counter() - start
-    return {"config": "fused" if fused else "pure", "block": block, "device": device, "scenarios": len(tasks),
-            "seconds": seconds, "scenarios_per_s": len(tasks) / seconds, "recall@20": res["metrics"]["recall@20"]}
+    return result
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", choices=("cpu", "cuda"), action="append")
-    parser.add_argument("--blocks", default="1,8,64", help="fused block sizes (scenarios per call)")
-    parser.add_argument("--scenarios", type=int, default=0, help="scenarios per configuration (default: 16 CPU, 256 GPU)")
-    parser.add_argument("--json", help="also write the rows to this file")
-    args = parser.parse_args(argv)
-    warnings.simplefilter("ignore", RuntimeWarning)
-    import s2meta_fast
-    print(s2meta_fast.backend())
-    devices = args.device or (["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"])
-    rows = []
-    for device in devices:
-        n = args.scenarios or (256 if device == "cuda" else 16)
-        tasks = make_tasks(n)
-        # correctness before timing: same draws (B = 1) must give the same metrics on both paths
-        check = make_tasks(2, seed=99)
-        pure = run(False, 1, check, device)["recall@20"]
-        fused = run(True, 1, check, device)["recall@20"]
-        if abs(pure - fused) > 1e-4:
-            print(f"FAIL: pure and fused evaluation disagree on {device}: recall@20 {pure} vs {fused}")
-            return 1
-        rows.append(run(False, 1, tasks[: max(2, n // 4)], device))
-        for block in (int(b) for b in args.blocks.split(",")):
-            rows.append(run(True, min(block, n), tasks, device))
-    base = {r["device"]: r["scenarios_per_s"] for r in rows if r["config"] == "pure"}
-    print(f"{'device':6} {'config':6} {'block':>5} {'scen':>5} {'seconds':>8} {'scen/s':>9} {'vs pure':>8} {'R@20':>7}")
-    for r in rows:
-        print(f"{r['device']:6} {r['config']:6} {r['block']:5d} {r['scenarios']:5d} {r['seconds']:8.2f} "
-              f"{r['scenarios_per_s']:9.2f} {r['scenarios_per_s'] / base[r['device']]:7.1f}x {r['recall@20']:7.4f}")
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(rows, fh, indent=2)
-    return 0
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("block", [1, SCENARIOS])
+@pytest.mark.parametrize("impl", ["fused", "reference"])
+def test_eval_block(benchmark, device, block, impl):
+    if impl == "reference" and block > 1:
+        pytest.skip("the reference path is timed one scenario per block, as the authors' code")
+    fused = impl == "fused"
+    check = make_eval_tasks(2, seed=99)
+    want = _evaluate(S2Meta(make_eval_learner(False, device), stop="fixed"), check, 1, device)["metrics"]
+    method = S2Meta(make_eval_learner(fused, device), stop="fixed")
+    got = _evaluate(method, check, 1, device)["metrics"]
+    for key in want:
+        assert got[key] == pytest.approx(want[key], abs=1e-4), key
 
-
-if __name__ == "__main__":
-    sys.exit(main())
+    tasks = make_eval_tasks(SCENARIOS)
+    run = functools.partial(_evaluate, method, tasks, block, device)
+    run()  # warm-up (allocator, CUDA graphs)
+    benchmark.group = f"eval {SCENARIOS} scenarios {device}"
+    benchmark.extra_info.update(scenarios=SCENARIOS, block=block)
+    benchmark.pedantic(run, rounds=3, iterations=1, warmup_rounds=0)

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import s2meta_fast  # noqa: F401  (loads torch.ops.s2meta)
-from s2meta_fast.ops import _reference
+from s2meta_fast.ops import reference
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
                                                                  reason="needs a CUDA device"))]
@@ -49,7 +49,7 @@ def train_step(hinge, user, pos, neg, params):
 
 def direct_step(user, pos, neg, params):
     """The same through the two ops without autograd, as a first-order inner loop can call them
-    (SPEC §5: the inner gradient is a constant), skipping ~100 us of autograd bookkeeping."""
+    (docs/spec.md §5: the inner gradient is a constant), skipping ~100 us of autograd bookkeeping."""
     half = len(params) // 2
     weights, biases = [p.detach() for p in params[:half]], [p.detach() for p in params[half:]]
     loss, pos_score, neg_score = torch.ops.s2meta.hinge_score(user, pos, neg, weights, biases, 1.0)
@@ -89,10 +89,10 @@ def test_hinge_score_train_step(benchmark, batch, dim, impl, device):
     if impl in ("fused_direct", "fused_one_pass"):
         step = functools.partial(direct_step if impl == "fused_direct" else one_pass_step, user, pos, neg, params)
     else:
-        hinge = {"fused": fused_hinge, "reference": _reference.hinge_score,
-                 "compiled": compiled(_reference.hinge_score, device)}[impl]
+        hinge = {"fused": fused_hinge, "reference": reference.hinge_score,
+                 "compiled": compiled(reference.hinge_score, device)}[impl]
         step = functools.partial(train_step, hinge, user, pos, neg, params)
-    for got, want in zip(step(), train_step(_reference.hinge_score, user, pos, neg, params)):
+    for got, want in zip(step(), train_step(reference.hinge_score, user, pos, neg, params)):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
     benchmark.group = f"hinge_score fwd+bwd N={batch} d={dim} {device}"
     benchmark(timed(step, device))
@@ -105,11 +105,11 @@ def test_score_matrix_scenario(benchmark, impl, device):
     weights, biases = interaction_mlp(64, device, gen)
     users = torch.randn(300, 64, generator=gen).to(device)
     items = torch.randn(500, 64, generator=gen).to(device)
-    fn = {"fused": torch.ops.s2meta.score_matrix, "reference": _reference.score_matrix,
-          "compiled": compiled(_reference.score_matrix, device)}[impl]
+    fn = {"fused": torch.ops.s2meta.score_matrix, "reference": reference.score_matrix,
+          "compiled": compiled(reference.score_matrix, device)}[impl]
     step = functools.partial(fn, users, items, weights, biases)
     with torch.no_grad():
-        torch.testing.assert_close(step(), _reference.score_matrix(users, items, weights, biases),
+        torch.testing.assert_close(step(), reference.score_matrix(users, items, weights, biases),
                                    rtol=1e-4, atol=1e-5)
         benchmark.group = f"score_matrix 300 users x 500 items d=64 {device}"
         benchmark(timed(step, device))

@@ -1,4 +1,4 @@
-"""pytest-benchmark: one update-controller step (lstm_update_multi), fused vs reference vs compiled.
+"""pytest-benchmark: one update-controller step (lstm_update_multi), fused vs reference vs torch.compile.
 
 Three implementations of the same step, timed in the same run:
   fused      torch.ops.s2meta.lstm_update_multi (one kernel launch / one parallel CPU pass)
@@ -16,12 +16,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from s2meta_fast.ops import _reference as ref
-from s2meta_fast.ops._testing import DIFFERENTIABLE, interaction_sizes, make_multi_args, with_grad
+from s2meta_fast.ops import reference as ref
+from s2meta_fast.ops.sample_inputs import DIFFERENTIABLE, interaction_sizes, make_multi_args, with_grad
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
 
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                 reason="needs a CUDA device"))]
 SIZES = {
     "paper-d64": interaction_sizes(64),
     "paper-d128": interaction_sizes(128),

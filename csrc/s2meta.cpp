@@ -17,7 +17,7 @@ TORCH_LIBRARY(s2meta, m) {
   // Paper Eq. 12, elementwise: x -> (log|x|/p, sign x) if |x| >= e^-p else (-1, e^p x).
   m.def("grad_preprocess(Tensor x, float p=10.0) -> Tensor");
 
-  // One coordinatewise-LSTM update step for a single parameter tensor (SPEC §3).
+  // One coordinatewise-LSTM update step for a single parameter tensor (docs/spec.md §3).
   // Returns (theta_new, h_new, c_new, alpha, beta).
   m.def(
       "lstm_update(Tensor theta, Tensor grad, Tensor loss, Tensor h, Tensor c, Tensor w_ih, "

@@ -10,3 +10,10 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory):
+    """One prepared-data cache for the session: ml100k is prepared once for every suite that
+    needs it (the data tests, the doc snippets)."""
+    return str(tmp_path_factory.mktemp("cache"))

@@ -155,7 +155,7 @@ def test_plot_draws_figure_2_from_a_run(straight_run, tmp_path, capsys):
     cfg_text = open(os.path.join(out, "config.yaml")).read()
     assert "dataset: ml20m" in cfg_text
     from s2meta_fast.config import load_config
-    from s2meta_fast.eval.pipeline import eval_tasks, prepare_data
+    from s2meta_fast.app import eval_tasks, prepare_data
     cfg = load_config(os.path.join(out, "config.yaml"))
     scenario = eval_tasks(prepare_data(cfg), "test", cfg.run.seed)[0].name
     png = str(tmp_path / "fig2.png")
@@ -172,3 +172,53 @@ def test_cuda_device_without_a_gpu_is_a_usage_error(tmp_path, capsys, monkeypatc
     assert cli.main(["run", "--device", "cuda", "--out", str(tmp_path / "run")]) == cli.EXIT_USAGE
     assert "no CUDA device is available" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()  # nothing was started
+
+
+def test_fixed_step_ablation_is_validated_and_evaluated_as_trained(dataset, tmp_path, monkeypatch):
+    from s2meta_fast.app import stages
+
+    seen = []
+
+    class Recording(stages.S2Meta):
+        def __init__(self, learner, stop="sample", **kwargs):
+            seen.append(stop)
+            super().__init__(learner, stop=stop, **kwargs)
+
+    monkeypatch.setattr(stages, "S2Meta", Recording)
+    out = str(tmp_path / "fixedstep")
+    args = [*dataset, *TINY, "--stop", "fixed", "--steps", "3", "--methods", "s2meta", "--out", out]
+    assert cli.main(["run", *args]) == 0
+    assert len(seen) == 4 and set(seen) == {"fixed"}   # 3 validations and the evaluation
+    seen.clear()
+    assert cli.main(["evaluate", "--out", out, "--quiet", "--eval-stop", "sample"]) == 0   # unless asked
+    assert seen == ["sample"]
+
+
+def test_preset_flag_and_the_command_line_default(tmp_path):
+    assert cli.resolve_config(cli.parse(["run"])).preset == cli.DEFAULT_PRESET == "demo"
+    assert cli.resolve_config(cli.parse(["run"])).run.keep_freed_memory   # the command line opts in
+    cfg = cli.resolve_config(cli.parse(["run", "--preset", "paper", "--meta-batch", "2"]))
+    assert (cfg.preset, cfg.train.lr_init, cfg.train.meta_batch, cfg.meta.inner_batch) == ("paper", 1e-4, 2, 128)
+    path = tmp_path / "c.yaml"
+    path.write_text("preset: paper\n")
+    assert cli.resolve_config(cli.parse(["run", "--config", str(path)])).train.weight_decay == 1e-5
+    assert cli.resolve_config(cli.parse(["run", "--config", str(path), "--preset", "demo"])).train.lr_init == 1e-3
+
+
+def test_user_errors_are_one_line_and_bugs_keep_their_traceback(monkeypatch, capsys):
+    from s2meta_fast import app
+    from s2meta_fast.errors import DataError
+
+    def empty(cfg):
+        raise DataError("ml100k: no meta-test scenario")
+
+    monkeypatch.setattr(app, "prepare", empty)
+    assert cli.main(["prepare", "--quiet"]) == cli.EXIT_USAGE
+    assert capsys.readouterr().err.strip().splitlines()[-1] == "s2meta prepare: error: ml100k: no meta-test scenario"
+
+    def bug(cfg):
+        raise KeyError("a bug")
+
+    monkeypatch.setattr(app, "prepare", bug)
+    with pytest.raises(KeyError, match="a bug"):
+        cli.main(["prepare", "--quiet"])

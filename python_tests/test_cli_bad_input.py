@@ -22,7 +22,7 @@ import yaml
 
 from s2meta_fast import cli
 from s2meta_fast.data.synthetic import write_raw
-from s2meta_fast.runfolder import RunLock
+from s2meta_fast.app.transaction import RunLock
 
 TINY = ["--meta-steps", "3", "--meta-batch", "1", "--t-max", "5", "--t-min", "2", "--validate-every", "1",
         "--checkpoint-every", "1", "--global-steps", "20", "--global-batch", "64", "--finetune-lrs", "0.1",
@@ -324,8 +324,8 @@ def test_a_committed_run_names_its_own_folder(world):
 def test_evaluate_replaces_results_only_when_complete(world, tmp_path, monkeypatch, capsys):
     out = _copy_run(world, tmp_path)
     before = _checksums(out)
-    from s2meta_fast.eval import pipeline
-    real = pipeline.evaluate
+    from s2meta_fast.app import stages
+    real = stages.evaluate
     calls = []
 
     def killed_on_the_second_method(*args, **kwargs):
@@ -334,7 +334,7 @@ def test_evaluate_replaces_results_only_when_complete(world, tmp_path, monkeypat
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(pipeline, "evaluate", killed_on_the_second_method)
+    monkeypatch.setattr(stages, "evaluate", killed_on_the_second_method)
     assert cli.main(["evaluate", "--out", out, "--quiet"]) == cli.EXIT_INTERRUPTED
     monkeypatch.undo()
     assert {p: h for p, h in _checksums(out).items() if "/.staging/" not in p} == before

@@ -48,7 +48,7 @@ def test_flags_override_file(tmp_path):
     path = _write(tmp_path, "meta_batch: 3\nseed: 4\nstop: threshold\n")
     cfg = load_config(path, {"meta_batch": 5, "stop": "fixed"})
     assert (cfg.train.meta_batch, cfg.run.seed, cfg.meta.stop) == (5, 4, "fixed")
-    assert cfg.train.trainer_config().seed == 4   # the trainer gets the run's seed
+    assert cfg.train.seed == 4   # the trainer gets the run's seed
 
 
 @pytest.mark.parametrize("options, fragment", [
@@ -89,7 +89,7 @@ def test_heldout_user_frac_is_validated_and_reaches_the_data_layer(tmp_path, mon
     assert cfg.data.heldout_user_frac == 0.0
 
     import s2meta_fast.data as data
-    from s2meta_fast.eval import pipeline
+    from s2meta_fast.app import stages as pipeline
 
     seen = {}
 
@@ -103,3 +103,66 @@ def test_heldout_user_frac_is_validated_and_reaches_the_data_layer(tmp_path, mon
     monkeypatch.setattr(data, "prepare", fake_prepare)
     pipeline.prepare_data(cfg)
     assert seen["heldout_user_frac"] == 0.0  # the paper's shared-user protocol, from the config
+
+
+def test_one_train_config_with_one_set_of_defaults():
+    from s2meta_fast.meta import MetaTrainer, TrainConfig
+    from s2meta_fast.config import TrainConfig as ConfigTrainConfig
+
+    assert ConfigTrainConfig is TrainConfig and SECTIONS["train"] is TrainConfig
+    assert Config().train == TrainConfig(), "a bare Config trains exactly as MetaTrainer's default"
+    assert MetaTrainer.__init__.__defaults__[0] == TrainConfig()
+
+
+def test_presets_sit_between_the_defaults_and_the_file_and_flags(tmp_path):
+    from s2meta_fast.config import DATASET_PRESETS, PRESETS
+
+    assert build_config().preset is None and build_config().train.lr_init == 1e-4   # the bare defaults
+    demo = build_config({"preset": "demo"})
+    assert (demo.train.lr_init, demo.train.meta_batch, demo.train.meta_steps) == (1e-3, 8, 400)
+    paper = build_config({"preset": "paper"})
+    assert (paper.train.lr_init, paper.train.weight_decay, paper.train.meta_batch) == (1e-4, 1e-5, 1)
+    assert (paper.meta.state_init, paper.meta.zero_hh_bias, paper.meta.inner_batch) == ("normal", True, 128)
+    amazon = build_config({"preset": "paper", "dataset": "amazon"})   # per-dataset values
+    assert amazon.train.weight_decay == 1e-6 and amazon.meta.inner_batch is None
+    assert DATASET_PRESETS["paper"]["amazon"]["weight_decay"] == 1e-6 and set(DATASET_PRESETS) <= set(PRESETS)
+
+    path = _write(tmp_path, "preset: paper\nmeta_batch: 4\n")
+    cfg = load_config(path, {"weight_decay": 0.0})
+    assert cfg.preset == "paper" and cfg.train.meta_batch == 4 and cfg.train.weight_decay == 0.0   # file, flag win
+    assert cfg.train.lr_update == 1e-4 and cfg.meta.state_init == "normal"                       # the preset's
+    assert load_config(_write(tmp_path, cfg.to_yaml())) == cfg                                    # round trip
+    with pytest.raises(ConfigError, match="unknown preset 'fast'; valid presets: demo, paper"):
+        build_config({"preset": "fast"})
+
+
+def test_choice_lists_come_from_the_registries():
+    from s2meta_fast.config import CHOICES
+    from s2meta_fast.data import DATASETS
+    from s2meta_fast.eval import METHODS
+    from s2meta_fast.models import MODELS
+
+    assert CHOICES["model"] == tuple(MODELS) and CHOICES["methods"] == tuple(METHODS)
+    assert Config().eval.methods == tuple(METHODS)
+    with pytest.raises(ConfigError, match="unknown dataset 'netflix'; valid datasets: .*ml100k"):
+        build_config({"dataset": "netflix"})
+    assert set(DATASETS) >= {"ml100k", "ml20m", "amazon", "taobao"}
+
+
+def test_evaluation_stops_as_trained_unless_asked():
+    assert build_config({"stop": "fixed", "steps": 7}).stop_at_evaluation == "fixed"
+    assert build_config({"stop": "threshold"}).stop_at_evaluation == "threshold"
+    assert build_config().stop_at_evaluation == "sample"
+    assert build_config({"stop": "fixed", "eval_stop": "sample"}).stop_at_evaluation == "sample"
+
+
+def test_the_authors_options_reach_the_learner():
+    import torch
+
+    from s2meta_fast.meta import MetaLearner
+    from s2meta_fast.models import build_model
+
+    cfg = build_config({"preset": "paper"})
+    learner = MetaLearner(build_model("interaction", 8), torch.randn(5, 8), torch.randn(5, 8), cfg.meta)
+    ctrl = learner.update_controller
+    assert (ctrl.state_init, ctrl.zero_hh_bias, ctrl.forget_bias_fix) == ("normal", True, False)

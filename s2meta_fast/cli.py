@@ -1,27 +1,29 @@
 """``s2meta`` / ``python -m s2meta_fast``: prepare, train, evaluate, run, plot.
 
 Every configuration option (s2meta_fast.config) is a flag of the same name with dashes; a YAML
-file given by ``--config`` supplies defaults that flags override. ``evaluate`` and ``plot``
-start from the run folder's own config.yaml, so they need no flags beyond the folder.
+file given by ``--config`` supplies defaults that flags override, above the preset (``--preset``,
+default "demo"). ``evaluate`` and ``plot`` start from the run folder's own config.yaml, so they
+need no flags beyond the folder. The work is :mod:`s2meta_fast.app`'s; this module parses,
+calls and reports. A user's mistake (:class:`s2meta_fast.errors.S2MetaError`) is reported in
+one line; anything else is a bug and shows its traceback.
 """
 from __future__ import annotations
 
 import argparse
-import contextlib
 import difflib
-import json
 import logging
-import os
 import signal
 import sys
 import threading
-import time
 import typing
-from typing import Any, Dict, Iterator, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
+from . import app
 from . import config as config_mod
-from .config import CHOICES, OPTIONS, Config, ConfigError, section_fields
-from .errors import CheckpointError, S2MetaError
+from ._extension import backend
+from .config import CHOICES, OPTIONS, PRESETS, Config, section_fields
+from .errors import S2MetaError
+from .eval.results import markdown_table
 
 log = logging.getLogger("s2meta_fast")
 
@@ -35,18 +37,19 @@ COMMANDS = {
     "plot": ("draw the paper's Fig. 2 (one scenario's inner loop) from a checkpoint", ()),
 }
 
-EXIT_USAGE, EXIT_FAILURE, EXIT_INTERRUPTED = 2, 1, 130
+# The preset a command line starts from unless --preset or the config file names another.
+DEFAULT_PRESET = "demo"
 
-
-class UsageError(Exception):
-    """A command line the parser accepted but that cannot run; the message says why."""
+# A user's mistake in the command line or config (2); the data or run folder cannot serve the
+# command (1); interrupted (130). A bug is none of these: it shows its traceback.
+EXIT_USAGE, EXIT_INTERRUPTED = 2, 130
 
 
 # --------------------------------------------------------------------------------------------
 # parser
 
 
-_DEFAULTS: Dict[str, Any] = {name: value for section in Config().to_dict().values() for name, value in section.items()}
+_DEFAULTS: Dict[str, Any] = config_mod.build_config({"preset": DEFAULT_PRESET}).options()
 
 
 def _element_type(kind: Any) -> Any:
@@ -77,6 +80,9 @@ def _add_option(group: argparse._ArgumentGroup, name: str) -> None:
 
 def _add_sections(parser: argparse.ArgumentParser, sections: Sequence[str]) -> None:
     parser.add_argument("--config", metavar="FILE", help="YAML config file (flags override it)")
+    parser.add_argument("--preset", choices=tuple(PRESETS), default=argparse.SUPPRESS,
+                        help=f"named option values under the config file and flags (default: {DEFAULT_PRESET}; "
+                             f"paper: the authors' settings, docs/method.md)")
     for section in sections:
         group = parser.add_argument_group(f"{section} options")
         for name in section_fields(section):
@@ -132,32 +138,23 @@ def parse(argv: Optional[Sequence[str]]) -> argparse.Namespace:
 
 
 def _overrides(args: argparse.Namespace) -> Dict[str, Any]:
-    return {name: value for name, value in vars(args).items() if name in OPTIONS}
+    return {name: value for name, value in vars(args).items() if name in OPTIONS or name == "preset"}
 
 
 def resolve_config(args: argparse.Namespace) -> Config:
-    """defaults < OUT/config.yaml (evaluate only) < --config FILE < flags."""
+    """defaults < preset < OUT/config.yaml (evaluate only) < --config FILE < flags.
+
+    The preset is --preset, else the one the config file (or OUT/config.yaml) names, else
+    :data:`DEFAULT_PRESET`.
+    """
     overrides = _overrides(args)
-    layers: List[Optional[Dict[str, Any]]] = []
+    layers: List[Optional[Dict[str, Any]]] = [{"preset": DEFAULT_PRESET}]
+    file_options = config_mod.load_yaml(args.config) if args.config else None
     if args.command == "evaluate":
-        out = overrides.get("out")
-        if out is None and args.config:
-            out = config_mod.load_yaml(args.config).get("out")
-        stored = os.path.join(out or config_mod.RunConfig().out, "config.yaml")
-        if os.path.exists(stored):
-            layers.append(config_mod.load_yaml(stored))
-    if args.config:
-        layers.append(config_mod.load_yaml(args.config))
-    layers.append(overrides)
-    cfg = config_mod.build_config(*layers, where=args.config or "options")
-    _check_dataset(cfg.data.dataset)
-    return cfg
-
-
-def _check_dataset(name: str) -> None:
-    valid = config_mod.dataset_names()
-    if name not in valid:
-        raise UsageError(f"unknown dataset {name!r}; valid datasets: {', '.join(valid)}")
+        out = overrides.get("out") or (file_options or {}).get("out") or config_mod.RunConfig().out
+        layers.append(app.run_folder.stored_options(out))
+    layers += [file_options, overrides]
+    return config_mod.build_config(*layers, where=args.config or "options")
 
 
 # --------------------------------------------------------------------------------------------
@@ -169,139 +166,34 @@ def _setup_logging(quiet: bool) -> None:
                         datefmt="%H:%M:%S", stream=sys.stderr, force=True)
 
 
-def _print_table(out_dir: str) -> None:
-    with open(os.path.join(out_dir, "results.md"), encoding="utf-8") as fh:
-        print(fh.read(), end="")
-
-
 def cmd_prepare(cfg: Config, args: argparse.Namespace) -> None:
-    from .eval.pipeline import prepare_data
-    prepared = prepare_data(cfg)
-    print(prepared.summary())
-
-
-@contextlib.contextmanager
-def _run_folder(cfg: Config, carry: bool = False) -> Iterator[Config]:
-    """--out as a transaction (s2meta_fast.runfolder): yields the config of the staged run, whose
-    files replace the previous run's only when the body returns."""
-    from .eval.results import atomic_write_text
-    from .runfolder import RunFolder
-
-    with RunFolder(cfg.run.out, resume=cfg.run.resume, carry=carry) as folder:
-        if cfg.run.resume and not folder.has_run():
-            raise ConfigError(f"--resume: {cfg.run.out!r} holds no run to resume (no config.yaml); "
-                              f"drop --resume to start one")
-        yield cfg.replace(out=folder.staging)
-        # The staged files name the staging folder as `out`; the committed run names its own.
-        config_path = os.path.join(folder.staging, "config.yaml")
-        if os.path.exists(config_path):
-            stored = config_mod.load_yaml(config_path)
-            stored["out"] = cfg.run.out
-            atomic_write_text(config_path, config_mod.build_config(stored, where=config_path).to_yaml())
-        results_path = os.path.join(folder.staging, "results.json")
-        if os.path.exists(results_path):
-            with open(results_path, encoding="utf-8") as fh:
-                doc = json.load(fh)
-            if isinstance(doc.get("config", {}).get("run"), dict):
-                doc["config"]["run"]["out"] = cfg.run.out
-            atomic_write_text(results_path, json.dumps(doc, indent=2) + "\n")
-        folder.commit()
+    print(app.prepare(cfg).summary())
 
 
 def cmd_train(cfg: Config, args: argparse.Namespace) -> None:
-    from .eval.pipeline import check_run_folder, prepare_data, train_meta
-    prepared = prepare_data(cfg)   # bad data fails here, before --out is touched
-    with _run_folder(cfg) as staged:
-        check_run_folder(staged)
-        train_meta(staged, prepared)
+    app.train(cfg)
 
 
 def cmd_evaluate(cfg: Config, args: argparse.Namespace) -> None:
-    from .eval.pipeline import clear_results, evaluate_methods, load_learner, prepare_data
-    from .meta.trainer import BEST, LAST
-    from .runfolder import STAGING
-    if args.checkpoint is not None and not os.path.isfile(args.checkpoint):
-        raise CheckpointError(f"--checkpoint {args.checkpoint}: no such file")
-    if args.checkpoint is None and "s2meta" in cfg.eval.methods and not any(
-            os.path.isfile(os.path.join(cfg.run.out, folder, name))
-            for folder in ("", STAGING) for name in (BEST, LAST)):
-        raise CheckpointError(f"no trained meta learner in {cfg.run.out!r} ({BEST} or {LAST}); "
-                              f"run `s2meta train --out {cfg.run.out}` first")
-    prepared = prepare_data(cfg)
-    with _run_folder(cfg, carry=True) as staged:
-        if not cfg.run.resume:
-            clear_results(staged.run.out)
-        learner = None
-        if "s2meta" in cfg.eval.methods:
-            learner = load_learner(staged, prepared, args.checkpoint).to(cfg.run.device)
-        evaluate_methods(staged, prepared, learner)
-    _print_table(cfg.run.out)
+    print(markdown_table(app.evaluate(cfg, args.checkpoint)), end="")
 
 
 def cmd_run(cfg: Config, args: argparse.Namespace) -> None:
-    from .eval.pipeline import check_run_folder, evaluate_methods, prepare_data, train_meta
-    start = time.perf_counter()
-    prepared = prepare_data(cfg)   # bad data fails here, before --out is touched
-    seconds = {"prepare_s": time.perf_counter() - start}
-    with _run_folder(cfg) as staged:
-        check_run_folder(staged)
-        learner = None
-        if "s2meta" in cfg.eval.methods:
-            # on --resume this is the time of the resumed part only
-            learner = train_meta(staged, prepared).to(cfg.run.device)
-            seconds["meta_train_s"] = time.perf_counter() - start - seconds["prepare_s"]
-        evaluate_methods(staged, prepared, learner, seconds)
-    log.info("run finished in %.1f s", time.perf_counter() - start)
-    _print_table(cfg.run.out)
+    print(markdown_table(app.run(cfg)), end="")
 
 
 def cmd_plot(args: argparse.Namespace) -> None:
-    from .data.tasks import support_batch
-    from .eval.pipeline import eval_tasks, load_learner, prepare_data
-    from .plot import draw_figure, record_scenario
-
-    checkpoint = args.checkpoint
-    folder = checkpoint if os.path.isdir(checkpoint) else os.path.dirname(os.path.abspath(checkpoint))
-    if os.path.isdir(checkpoint):
-        checkpoint = next((os.path.join(folder, n) for n in ("best.pt", "checkpoint.pt")
-                           if os.path.exists(os.path.join(folder, n))), None)
-        if checkpoint is None:
-            raise CheckpointError(f"no best.pt or checkpoint.pt in {folder!r}")
-    from .meta.checkpoint import load
-    load(checkpoint, map_location="cpu")   # a damaged checkpoint is named before any work
-    stored = os.path.join(folder, "config.yaml")
-    if not os.path.exists(stored):
-        raise CheckpointError(f"{stored!r} is missing: plot needs the run's config next to its checkpoint")
-    overrides: Dict[str, Any] = {"quiet": args.quiet, "resume": False, "out": folder}
+    overrides: Dict[str, Any] = {"quiet": args.quiet}
     if args.seed is not None:
         overrides["seed"] = args.seed
     if args.device is not None:
         overrides["device"] = args.device
-    cfg = config_mod.build_config(config_mod.load_yaml(stored), overrides, where=stored)
-    _setup_logging(cfg.run.quiet)
-    prepared = prepare_data(cfg)
-    names = {s.name: split for split in ("test", "valid", "train") for s in prepared.scenarios(split)}
-    if args.scenario not in names:
-        shown = sorted(n for n, split in names.items() if split == "test")
-        raise UsageError(f"unknown scenario {args.scenario!r}; meta-test scenarios: {', '.join(shown)} "
-                         f"({len(names)} scenarios in all splits)")
-    task = next(t for t in eval_tasks(prepared, names[args.scenario], cfg.run.seed) if t.name == args.scenario)
-    learner = load_learner(cfg, prepared, checkpoint).to(cfg.run.device)
-    record = record_scenario(learner, task, support_batch, stop=cfg.eval.eval_stop, seed=cfg.run.seed, k=args.k)
-    draw_figure(record, args.png, title=f"s²Meta on {prepared.name} scenario {args.scenario!r} "
-                                        f"({names[args.scenario]} split)")
-    print(f"wrote {args.png}: {record['steps']} updates, test recall@{args.k} "
-          f"{record['test_recall'][0]:.4f} -> {record['test_recall'][record['steps']]:.4f}")
+    figure = app.plot(args.checkpoint, args.scenario, args.png, overrides, k=args.k)
+    print(f"wrote {figure.path}: {figure.steps} updates, test recall@{figure.k} "
+          f"{figure.recall_before:.4f} -> {figure.recall_after:.4f}")
 
 
 HANDLERS = {"prepare": cmd_prepare, "train": cmd_train, "evaluate": cmd_evaluate, "run": cmd_run}
-
-
-def _check_device(device: str) -> None:
-    import torch
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError(f"--device {device}: no CUDA device is available here "
-                         f"(torch {torch.__version__}, CUDA build: {torch.version.cuda or 'no'}); use --device cpu")
 
 
 def _terminate_as_interrupt(signum: int, frame: Any) -> None:
@@ -314,14 +206,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if threading.current_thread() is threading.main_thread():
         # A kill (SIGTERM) ends the run like Ctrl-C: every file on disk is whole, --resume continues.
         signal.signal(signal.SIGTERM, _terminate_as_interrupt)
-    import s2meta_fast
-    print(s2meta_fast.backend(), file=sys.stderr, flush=True)
+    print(backend(), file=sys.stderr, flush=True)
     try:
         if args.command == "plot":
+            _setup_logging(args.quiet)
             cmd_plot(args)
             return 0
         cfg = resolve_config(args)
-        _check_device(cfg.run.device)
         _setup_logging(cfg.run.quiet)
         HANDLERS[args.command](cfg, args)
         return 0
@@ -330,8 +221,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
               "run's checkpoints and finished stages are kept: rerun the same command with --resume to "
               "continue", file=sys.stderr)
         return EXIT_INTERRUPTED
-    except (S2MetaError, UsageError) as error:
-        # A user's mistake or a damaged file: one line. Anything else is a bug and keeps its traceback.
+    except S2MetaError as error:
         lines = [line.strip() for line in str(error).splitlines() if line.strip()]
         print(f"s2meta {args.command}: error: {'; '.join(lines) or type(error).__name__}", file=sys.stderr)
         return EXIT_USAGE

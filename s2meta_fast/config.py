@@ -1,21 +1,29 @@
-"""Run configuration: frozen dataclasses that validate when built, a YAML file, CLI overrides.
+"""Run configuration: frozen dataclasses that validate when built, presets, a YAML file, CLI flags.
 
 A config has five sections, one dataclass each:
 
 - ``data``  — :class:`DataConfig`: which dataset, where, scenario filter, embedding size.
-- ``meta``  — :class:`s2meta_fast.meta.MetaConfig`: the meta learner (re-used as is).
-- ``train`` — :class:`TrainConfig`: recommender kind, meta-training length and batch.
+- ``meta``  — :class:`s2meta_fast.meta.MetaConfig`: the meta learner.
+- ``train`` — :class:`s2meta_fast.meta.TrainConfig`: recommender kind, meta-training length, optimiser.
 - ``eval``  — :class:`EvalConfig`: cut-offs, blocks, the baselines' hyper-parameters.
 - ``run``   — :class:`RunConfig`: seed, device, output folder, logging.
 
 Every field is an option of the same name: ``meta_steps`` in YAML is ``--meta-steps`` on the
-command line. The YAML file may nest options under their section or list them flat::
+command line. The YAML file may nest options under their section or list them flat, and may
+name a preset::
 
+    preset: paper
     data: {dataset: ml100k, min_items: 40}
     meta_steps: 300
 
-Precedence: dataclass defaults < the file < command-line flags. An unknown key anywhere is an
-error that lists the valid ones.
+Precedence: dataclass defaults < the preset < the file < command-line flags. A preset
+(:data:`PRESETS`) is a named set of option values, some of them per dataset
+(:data:`DATASET_PRESETS`); the library's classes use the bare defaults, ``s2meta`` starts from
+the "demo" preset. An unknown key anywhere is an error that lists the valid ones.
+
+Layers: this module sits above the libraries it configures (data, models, meta, eval) and
+below the application (:mod:`s2meta_fast.app`) and the CLI; its choice lists come from their
+registries.
 """
 from __future__ import annotations
 
@@ -26,14 +34,15 @@ from typing import Any, Dict, Mapping, Optional, Tuple
 
 import yaml
 
+from .data import DATASETS
 from .errors import ConfigError
-from .meta.meta_config import INIT_MODES, STOP_MODES, UPDATE_MODES, MetaConfig
-from .meta.trainer import OPTIMIZERS
-from .meta.trainer import TrainConfig as TrainerConfig
+from .eval.baselines import METHODS
+from .eval.metrics import DEFAULT_KS, check_ks
+from .meta.meta_config import INIT_MODES, STATE_INITS, STOP_MODES, UPDATE_MODES, MetaConfig
+from .meta.trainer import OPTIMIZERS, TrainConfig
+from .models import MODELS
 
 DEVICES = ("cpu", "cuda")
-MODEL_KINDS = ("interaction", "mapping", "hybrid")
-METHODS = ("s2meta", "itempop", "global", "finetune")
 
 
 def _need(ok: bool, cls: str, message: str) -> None:
@@ -47,8 +56,7 @@ def _positive_int(value: Any) -> bool:
 
 def dataset_names() -> Tuple[str, ...]:
     """Registered dataset names (the data layer's registry)."""
-    from . import data
-    return tuple(sorted(data.DATASETS))
+    return tuple(sorted(DATASETS))
 
 
 @dataclass(frozen=True)
@@ -77,7 +85,8 @@ class DataConfig:
     heldout_user_frac: Optional[float] = None
 
     def __post_init__(self) -> None:
-        _need(isinstance(self.dataset, str) and self.dataset != "", "DataConfig", "dataset must be a name")
+        if self.dataset not in DATASETS:
+            raise ValueError(f"unknown dataset {self.dataset!r}; valid datasets: {', '.join(dataset_names())}")
         for name in ("min_items", "max_items", "mf_epochs"):
             value = getattr(self, name)
             _need(value is None or _positive_int(value), "DataConfig",
@@ -91,49 +100,15 @@ class DataConfig:
 
 
 @dataclass(frozen=True)
-class TrainConfig(TrainerConfig):
-    """Meta-training: the trainer's :class:`s2meta_fast.meta.trainer.TrainConfig` plus what to train.
-
-    Its ``seed`` and ``quiet`` are not options of their own: they are taken from the run section.
-    Defaults differ from the trainer's (the authors' code) where a default run must finish in
-    minutes on a 2-core CPU: 400 meta-steps of 8 scenarios instead of tens of thousands of
-    one-scenario steps, hence 10× the authors' Adam rates for ω_R and the update controller (at
-    1e-4, 300 steps leave ω_R near its random init: ml100k Recall@20 75.3 vs 83.6 at 1e-3).
-    ``--lr-init 1e-4 --lr-update 1e-4`` restores the authors' rates (docs/evaluation.md).
-
-    Attributes:
-        model: recommender kind (interaction, mapping, hybrid).
-        meta_steps: meta-training steps in total (each adapts ``meta_batch`` scenarios).
-    """
-
-    lr_init: float = 1e-3
-    lr_update: float = 1e-3
-    meta_batch: int = 8
-    validate_every: int = 50
-    checkpoint_every: int = 50
-    log_every: int = 25
-    model: str = "interaction"
-    meta_steps: int = 400
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        _need(self.model in MODEL_KINDS, "TrainConfig", f"model must be one of {MODEL_KINDS}, got {self.model!r}")
-        _need(isinstance(self.meta_steps, int) and not isinstance(self.meta_steps, bool) and self.meta_steps >= 0,
-              "TrainConfig", f"meta_steps must be an int >= 0, got {self.meta_steps!r}")
-
-    def trainer_config(self) -> TrainerConfig:
-        """The meta trainer's own config (without ``model`` and ``meta_steps``)."""
-        return TrainerConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(TrainerConfig)})
-
-
-@dataclass(frozen=True)
 class EvalConfig:
     """The Table-3 protocol and the baselines (docs/evaluation.md).
 
     Attributes:
         ks: ranking cut-offs.
-        methods: which methods ``run`` evaluates.
-        eval_stop: s²Meta's stop rule at evaluation (sample: seeded Bernoulli draws, as the authors).
+        methods: which methods ``run`` evaluates (names in :data:`s2meta_fast.eval.METHODS`).
+        eval_stop: s²Meta's stop rule at validation and evaluation; None (the default) evaluates as
+            trained (the meta section's ``stop``: a FixedStep learner keeps its fixed steps,
+            "sample" draws seeded Bernoulli stops as the authors do).
         block_size: test scenarios adapted and scored together.
         max_pairs: largest S·A·B scored in one call (bounds memory).
         global_steps, global_batch, global_lr: Adam training of the Global baseline.
@@ -141,9 +116,9 @@ class EvalConfig:
         finetune_lrs, finetune_steps: the grid searched on meta-validation scenarios for Finetune.
     """
 
-    ks: Tuple[int, ...] = (10, 20, 50)
-    methods: Tuple[str, ...] = METHODS
-    eval_stop: str = "sample"
+    ks: Tuple[int, ...] = DEFAULT_KS
+    methods: Tuple[str, ...] = tuple(METHODS)
+    eval_stop: Optional[str] = None
     block_size: int = 16
     max_pairs: int = 4_000_000
     global_steps: int = 2000
@@ -154,13 +129,12 @@ class EvalConfig:
     finetune_steps: Tuple[int, ...] = (5, 10, 20, 50, 100)
 
     def __post_init__(self) -> None:
-        from .eval.metrics import check_ks
         check_ks(self.ks)
         bad = [m for m in self.methods if m not in METHODS]
-        _need(self.methods and not bad, "EvalConfig", f"methods must be a non-empty subset of {METHODS}, got "
-              f"{list(self.methods)}")
-        _need(self.eval_stop in STOP_MODES, "EvalConfig",
-              f"eval_stop must be one of {STOP_MODES}, got {self.eval_stop!r}")
+        _need(bool(self.methods) and not bad, "EvalConfig", f"methods must be a non-empty subset of "
+              f"{tuple(METHODS)}, got {list(self.methods)}")
+        _need(self.eval_stop is None or self.eval_stop in STOP_MODES, "EvalConfig",
+              f"eval_stop must be one of {STOP_MODES} or null (as trained), got {self.eval_stop!r}")
         for name in ("block_size", "max_pairs", "global_steps", "global_batch"):
             _need(_positive_int(getattr(self, name)), "EvalConfig",
                   f"{name} must be a positive int, got {getattr(self, name)!r}")
@@ -181,6 +155,10 @@ class RunConfig:
         out: the run folder (checkpoints, results.json, results.md).
         quiet: no progress bars, warnings and errors only.
         resume: continue the run in ``out`` from its last checkpoint.
+        keep_freed_memory: let CPU meta-training keep freed heap memory (glibc ``mallopt``,
+            process-wide, see :func:`s2meta_fast.meta.host.keep_freed_memory`). On for a
+            command-line run, where it was measured to help; ``MetaTrainer`` leaves it off
+            unless asked.
     """
 
     seed: int = 0
@@ -188,6 +166,7 @@ class RunConfig:
     out: str = "runs/default"
     quiet: bool = False
     resume: bool = False
+    keep_freed_memory: bool = True
 
     def __post_init__(self) -> None:
         _need(isinstance(self.seed, int) and not isinstance(self.seed, bool) and self.seed >= 0, "RunConfig",
@@ -199,10 +178,40 @@ class RunConfig:
 SECTIONS: Dict[str, type] = {"data": DataConfig, "meta": MetaConfig, "train": TrainConfig,
                              "eval": EvalConfig, "run": RunConfig}
 
-# Closed sets an option must come from; the CLI turns them into argparse choices.
+# Closed sets an option must come from (the registries'); the CLI turns them into argparse choices.
+# Dataset names are checked by DataConfig instead, so that an unknown one is listed like any bad value.
 CHOICES: Dict[str, Tuple[str, ...]] = {"init": INIT_MODES, "update": UPDATE_MODES, "stop": STOP_MODES,
-                                       "eval_stop": STOP_MODES, "device": DEVICES, "model": MODEL_KINDS,
-                                       "optimizer": OPTIMIZERS, "methods": METHODS}
+                                       "eval_stop": STOP_MODES, "state_init": STATE_INITS, "device": DEVICES,
+                                       "model": tuple(MODELS), "optimizer": OPTIMIZERS, "methods": tuple(METHODS)}
+
+# Named sets of option values, applied above the defaults and below a config file and flags.
+# "demo": a default run that finishes in minutes on a 2-core CPU (what `s2meta` starts from):
+#   400 meta-steps of 8 scenarios instead of tens of thousands of one-scenario steps, hence 10x
+#   the authors' Adam rates for ω_R and the update controller (at 1e-4, 300 steps leave ω_R near
+#   its random init: ml100k Recall@20 75.3 vs 83.6 at 1e-3, docs/evaluation.md).
+# "paper": the authors' code, departures included (docs/method.md); it does not choose a length:
+#   set meta_steps (the authors trained for tens of thousands of one-scenario steps).
+PRESETS: Dict[str, Dict[str, Any]] = {
+    "demo": {"meta_steps": 400, "meta_batch": 8, "lr_init": 1e-3, "lr_update": 1e-3, "lr_stop": 5e-5,
+             "validate_every": 50, "checkpoint_every": 50, "log_every": 25},
+    "paper": {"optimizer": "adam", "lr_init": 1e-4, "lr_update": 1e-4, "lr_stop": 5e-5, "weight_decay": 1e-5,
+              "meta_batch": 1, "validate_every": 500, "checkpoint_every": 500, "log_every": 100,
+              "state_init": "normal", "zero_hh_bias": True, "forget_bias_fix": False, "inner_batch": None},
+}
+# Per-dataset values of a preset, applied over the preset's own.
+DATASET_PRESETS: Dict[str, Dict[str, Dict[str, Any]]] = {
+    "paper": {"ml100k": {"inner_batch": 128}, "ml20m": {"inner_batch": 128},
+              "amazon": {"weight_decay": 1e-6, "model": "mapping"}},
+}
+
+
+def preset_options(preset: Optional[str], dataset: str) -> Dict[str, Any]:
+    """The option values preset `preset` gives on `dataset` ({} for None)."""
+    if preset is None:
+        return {}
+    if preset not in PRESETS:
+        raise ConfigError(f"unknown preset {preset!r}; valid presets: {', '.join(PRESETS)}")
+    return {**PRESETS[preset], **DATASET_PRESETS.get(preset, {}).get(dataset, {})}
 
 
 # Fields of a section that are not options: they are copied from another section's option.
@@ -235,16 +244,17 @@ def option_type(name: str) -> Any:
 
 @dataclass(frozen=True)
 class Config:
-    """A complete, validated configuration."""
+    """A complete, validated configuration; `preset` records which preset it was built on."""
 
+    preset: Optional[str] = None
     data: DataConfig = field(default_factory=DataConfig)
     meta: MetaConfig = field(default_factory=MetaConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
-    def to_dict(self) -> Dict[str, Dict[str, Any]]:
-        out: Dict[str, Dict[str, Any]] = {}
+    def to_dict(self) -> Dict[str, Any]:
+        out: Dict[str, Any] = {"preset": self.preset}
         for section in SECTIONS:
             values = dataclasses.asdict(getattr(self, section))
             out[section] = {k: list(values[k]) if isinstance(values[k], tuple) else values[k]
@@ -254,18 +264,30 @@ class Config:
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
+    def options(self) -> Dict[str, Any]:
+        """Every option by name (flat), without the preset."""
+        return {name: value for section in SECTIONS for name, value in self.to_dict()[section].items()}
+
     def replace(self, **options: Any) -> "Config":
         """A copy with options (by name, any section) changed and re-validated."""
         return build_config(self.to_dict(), options)
 
+    @property
+    def stop_at_evaluation(self) -> str:
+        """s²Meta's stop rule for validation and evaluation: ``eval_stop``, else as trained."""
+        return self.eval.eval_stop or self.meta.stop
+
 
 def _valid_keys_text() -> str:
-    return (f"valid sections: {', '.join(SECTIONS)}; valid options: "
+    return (f"valid sections: {', '.join(SECTIONS)}; preset; valid options: "
             f"{', '.join(sorted(OPTIONS))}")
 
 
 def flatten(document: Mapping[str, Any], where: str = "config") -> Dict[str, Any]:
-    """Options from a nested-or-flat mapping; unknown sections or keys raise :class:`ConfigError`."""
+    """Options from a nested-or-flat mapping; unknown sections or keys raise :class:`ConfigError`.
+
+    A top-level ``preset`` key is kept as the option ``preset``.
+    """
     if document is None:
         return {}
     if not isinstance(document, Mapping):
@@ -282,7 +304,7 @@ def flatten(document: Mapping[str, Any], where: str = "config") -> Dict[str, Any
                     valid = ", ".join(section_fields(key))
                     raise ConfigError(f"{where}: unknown key {name!r} in section {key!r}; valid keys: {valid}")
                 options[name] = inner
-        elif key in OPTIONS:
+        elif key in OPTIONS or key == "preset":
             options[key] = value
         else:
             raise ConfigError(f"{where}: unknown key {key!r}; {_valid_keys_text()}")
@@ -305,11 +327,18 @@ def _coerce(name: str, value: Any) -> Any:
 def build_config(*layers: Optional[Mapping[str, Any]], where: str = "config") -> Config:
     """Builds a :class:`Config` from layers of options, later layers overriding earlier ones.
 
-    Each layer is a nested-or-flat mapping (see :func:`flatten`); None layers are skipped.
+    Each layer is a nested-or-flat mapping (see :func:`flatten`); None layers are skipped. The
+    preset named by the last layer that names one (and the dataset the layers end up with)
+    goes below every layer.
     """
     options: Dict[str, Any] = {}
     for layer in layers:
         options.update(flatten(layer, where))
+    preset = options.pop("preset", None)
+    try:
+        options = {**preset_options(preset, options.get("dataset", DataConfig.dataset)), **options}
+    except ConfigError as error:
+        raise ConfigError(f"{where}: {error}") from None
     per_section: Dict[str, Dict[str, Any]] = {name: {} for name in SECTIONS}
     for name, value in options.items():
         per_section[OPTIONS[name]][name] = _coerce(name, value)
@@ -320,7 +349,7 @@ def build_config(*layers: Optional[Mapping[str, Any]], where: str = "config") ->
             for name, source in DERIVED.get(section, {}).items():
                 values[name] = getattr(built["run"], source)
             built[section] = SECTIONS[section](**values)
-        return Config(**built)
+        return Config(preset=preset, **built)
     except (TypeError, ValueError) as error:
         raise ConfigError(f"{where}: {error}") from None
 
@@ -343,5 +372,6 @@ def load_config(path: Optional[str] = None, overrides: Optional[Mapping[str, Any
     return build_config(file_options, overrides, where=path or "config")
 
 
-__all__ = ["CHOICES", "Config", "ConfigError", "DataConfig", "EvalConfig", "MetaConfig", "OPTIONS", "RunConfig",
-           "SECTIONS", "TrainConfig", "build_config", "dataset_names", "flatten", "load_config", "load_yaml"]
+__all__ = ["CHOICES", "Config", "ConfigError", "DATASET_PRESETS", "DataConfig", "EvalConfig", "MetaConfig", "OPTIONS",
+           "PRESETS", "RunConfig", "SECTIONS", "TrainConfig", "build_config", "dataset_names", "flatten",
+           "load_config", "load_yaml", "preset_options"]

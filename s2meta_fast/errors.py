@@ -1,28 +1,37 @@
-"""The package's own error types: a user's mistake or a damaged file, never a bug.
+"""The package's own exceptions: a user's mistake, a missing input or a damaged file, never a bug.
 
-The CLI turns every :class:`S2MetaError` into one line on stderr and exit status 2; any other
-exception is a bug and keeps its traceback. Each subclass also derives from the built-in
-exception a caller would naturally catch where one fits (a bad option is a ``ValueError``), so
-generic handlers written before these types existed keep working.
+``s2meta`` reports an :class:`S2MetaError` as one line naming what to fix and lets anything
+else (a bug) show its traceback. Each class also subclasses the built-in exception a caller
+would naturally catch (a missing file is a ``FileNotFoundError``, a bad value a ``ValueError``),
+so generic handlers keep working. Nothing here imports the rest of the package: every layer
+may raise these.
 """
 from __future__ import annotations
 
 
 class S2MetaError(Exception):
-    """Base of every error whose message alone tells the user what to fix."""
+    """Base class: the message says what was wrong and how to fix it."""
 
 
 class ConfigError(S2MetaError, ValueError):
-    """A config file or option is invalid; the message says what was expected."""
+    """A config file, option or command line is invalid; the message says what was expected."""
 
 
 class DataError(S2MetaError):
-    """Input data is missing, malformed or filters down to nothing; the message names the file."""
+    """The data cannot serve the run: a raw file is missing or malformed, or filters down to nothing."""
 
 
 class CheckpointError(S2MetaError):
     """A checkpoint is missing, damaged or was written for other settings; the message names it."""
 
 
-class RunFolderError(S2MetaError):
-    """The run folder (--out) cannot be used: not a folder, not writable, or locked by another run."""
+class RunFolderError(S2MetaError, FileNotFoundError):
+    """The run folder (--out) cannot be used: it lacks what a command needs (a checkpoint, its
+    config.yaml), is a file or not writable, or another run holds its lock."""
+
+
+class TrainingError(S2MetaError, RuntimeError):
+    """Meta-training cannot go on (e.g. the meta-loss stays non-finite); the last checkpoint is intact."""
+
+
+__all__ = ["CheckpointError", "ConfigError", "DataError", "RunFolderError", "S2MetaError", "TrainingError"]

@@ -1,4 +1,4 @@
-// The coordinatewise-LSTM update (SPEC §3), pieces shared by the CPU and CUDA kernels:
+// The coordinatewise-LSTM update (docs/spec.md §3), pieces shared by the CPU and CUDA kernels:
 // argument checks and input/output preparation (host) and the scalar activations (host + device).
 //
 // Per coordinate, with controller k = the segment holding it:

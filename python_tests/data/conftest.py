@@ -21,11 +21,6 @@ def synthetic_dirs(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def cache_dir(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("cache"))
-
-
-@pytest.fixture(scope="session")
 def synthetic_prepared(synthetic_dirs, cache_dir):
     return {fmt: prepare(fmt, folder, cache_dir=cache_dir, **SMALL) for fmt, (folder, _) in synthetic_dirs.items()}
 

@@ -1,4 +1,4 @@
-"""TaskSampler: SPEC §5 training tasks and the SPEC §6 evaluation split."""
+"""TaskSampler: docs/spec.md §5 training tasks and the docs/spec.md §6 evaluation split."""
 import time
 
 import numpy as np

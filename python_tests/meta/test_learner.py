@@ -313,3 +313,32 @@ def test_learner_rejects_a_model_config_mismatch():
         MetaLearner(build_model("interaction", DIM, fused=True), user_emb, item_emb, MetaConfig(fused=False))
     with pytest.raises(ValueError, match=r"\[n, 16\]"):
         MetaLearner(build_model("interaction", 16), user_emb, item_emb)
+
+
+def test_inner_batch_draws_support_pairs_with_replacement():
+    """inner_batch=m (the authors' MovieLens 128) adapts on m pairs a step, picked with replacement;
+    it equals the default loop on a support set made of exactly those pairs."""
+    import dataclasses
+
+    from s2meta_fast.meta.noise import InnerNoise
+
+    learner, items = make_learner(inner_batch=24, t_max=5, steps=5)
+    batch = planted_batch(items, 40, 3)
+    noise = learner.draw_noise(batch, torch.Generator().manual_seed(3), stop="fixed")
+    assert noise.pick.shape == noise.neg.shape == (5, 3, 24)   # more pairs than the 16 support pairs
+    picked = torch.floor(noise.pick[0] * 16).long()
+    assert picked.max() < 16 and any(len(set(row.tolist())) < 24 for row in picked)   # repeats: replacement
+    got = learner.adapt(batch, stop="fixed", noise=noise)
+    for t in range(5):   # step t's batch is the support set of a one-step loop with the same draws
+        picked = torch.floor(noise.pick[t] * 16).long()
+        step_batch = dataclasses.replace(batch, support_users=batch.support_users.gather(1, picked),
+                                         support_items=batch.support_items.gather(1, picked),
+                                         support_item_index=batch.support_item_index.gather(1, picked))
+        users, pos, neg = learner._step_batch(batch, noise, t, None, None)
+        users_want, pos_want, neg_want = learner._step_batch(step_batch, InnerNoise(noise.neg[t:t + 1], noise.stop),
+                                                             0, learner.user_emb[step_batch.support_users],
+                                                             learner.item_emb[step_batch.support_items])
+        torch.testing.assert_close((users, pos, neg), (users_want, pos_want, neg_want), rtol=0, atol=0)
+    assert got.steps.tolist() == [5, 5, 5] and torch.isfinite(got.theta).all()
+    with pytest.raises(ValueError, match="noise.neg must be"):
+        learner.adapt(batch, stop="fixed", noise=InnerNoise(noise.neg, noise.stop))   # 24 draws, 16 pairs

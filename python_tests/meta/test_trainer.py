@@ -138,6 +138,28 @@ def test_train_config_rejects_bad_values(changes, match):
         TrainConfig(**changes)
 
 
+@pytest.mark.parametrize("keep", [False, True])
+def test_fit_changes_the_allocator_only_when_asked(tmp_path, monkeypatch, keep):
+    """Library etiquette: glibc's process-wide heap settings are an opt-in (s2meta opts in)."""
+    from s2meta_fast.meta import host
+
+    calls = []
+    monkeypatch.setattr(host, "keep_freed_memory", lambda: calls.append(1) or True)
+    trainer = make(tmp_path, meta_steps=2)
+    trainer.keep_freed_memory = keep
+    summary = trainer.fit()   # the config's meta_steps
+    assert summary["step"] == 2 and bool(calls) == keep
+    assert not make(tmp_path / "default").keep_freed_memory
+
+
+def test_adam_weight_decay_is_the_config_s():
+    user_emb, item_emb = planted_world(dim=DIM)
+    learner = MetaLearner(build_model("interaction", DIM), user_emb, item_emb)
+    assert all(g["weight_decay"] == 0.0 for g in build_optimizer(learner, TrainConfig()).param_groups)
+    adam = build_optimizer(learner, TrainConfig(weight_decay=1e-5))   # the authors' code
+    assert all(g["weight_decay"] == 1e-5 for g in adam.param_groups)
+
+
 # -- checkpoint integrity ------------------------------------------------------------------------
 
 

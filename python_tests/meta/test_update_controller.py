@@ -78,6 +78,24 @@ class TestConstruction:
         assert torch.all(ctrl.ln_weight == 1) and torch.all(ctrl.ln_bias == 0)
         assert ctrl.w_gate.std() > 0.1  # Xavier-normal, not zero or uniform-small
 
+    @pytest.mark.parametrize("fix", [False, True])
+    def test_authors_initialisation_options(self, fix):
+        """zero_hh_bias and state_init="normal" are the authors' code (docs/method.md, departures)."""
+        H = 16
+        torch.manual_seed(0)
+        ctrl = UpdateController(SHAPES, hidden_size=H, forget_bias_fix=fix, zero_hh_bias=True, state_init="normal")
+        ones = slice(H, 2 * H) if fix else slice(4, 8)
+        assert torch.all(ctrl.b_ih[:, ones] == 1.0) and torch.all(ctrl.b_hh[:, ones] == 0.0)
+        rest = torch.ones(4 * H, dtype=torch.bool)
+        rest[ones] = False
+        assert ctrl.b_hh[:, rest].abs().min() > 0   # only the +1 slice is zeroed
+        for state in (ctrl.h0, ctrl.c0):
+            assert state.abs().max() > 1 / math.sqrt(H) and 0.5 < state.std() < 1.5   # N(0, 1), not zeros
+        default = UpdateController(SHAPES, hidden_size=H, forget_bias_fix=fix)
+        assert default.b_hh[:, ones].abs().min() > 0   # ours: LSTMCell's uniform init everywhere
+        with pytest.raises(ValueError, match="state_init"):
+            UpdateController(SHAPES, state_init="ones")
+
     @pytest.mark.parametrize("kwargs,match", [
         (dict(param_shapes=[]), "param_shapes"), (dict(hidden_size=0), "hidden_size"), (dict(p=0.0), "p must"),
         (dict(clip=-1.0), "clip")])

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from s2meta_fast.models import build_model
-from s2meta_fast.ops import _reference
+from s2meta_fast.ops import reference
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
 
@@ -118,7 +118,7 @@ def test_fused_loss_equals_reference_loss_and_gradient():
     torch.testing.assert_close(grads[0][0], grads[1][0], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(grads[0][1], grads[1][1], rtol=1e-5, atol=1e-6)
     weights, biases = pure.split(theta)
-    ref = _reference.hinge_score(users, pos, neg, weights, biases, 1.0)[0]
+    ref = reference.hinge_score(users, pos, neg, weights, biases, 1.0)[0]
     torch.testing.assert_close(grads[0][0], ref, rtol=1e-5, atol=1e-6)
 
 

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 import s2meta_fast
 from s2meta_fast import ops
-from s2meta_fast.ops import _reference as ref
+from s2meta_fast.ops import reference as ref
 
 pytestmark = pytest.mark.skipif(not s2meta_fast.backend().cpu_kernels, reason="compiled CPU kernels not built")
 requires_cuda = pytest.mark.skipif(not (torch.cuda.is_available() and s2meta_fast.backend().cuda_kernels),

@@ -5,9 +5,9 @@ import pytest
 import torch
 
 import s2meta_fast  # noqa: F401  (loads torch.ops.s2meta)
-from mlp_cases import (flat_theta_views, make_embeddings, make_mlp, strided_rows, tolerances,
+from s2meta_fast.ops.sample_inputs import (flat_theta_views, make_embeddings, make_mlp, strided_rows, tolerances,
                        transposed_storage, views_of)
-from s2meta_fast.ops import _reference
+from s2meta_fast.ops import reference
 
 op = torch.ops.s2meta.hinge_score
 DTYPES = [torch.float32, torch.float64]
@@ -41,7 +41,7 @@ def make_case(case, dtype, seed=0):
 def run_both(user, pos, neg, weights, biases, margin=1.0):
     """Loss, scores and every input gradient, from the kernel and from the reference."""
     results = []
-    for fn in (op, _reference.hinge_score):
+    for fn in (op, reference.hinge_score):
         leaves = [t.detach().clone().requires_grad_() for t in [user, pos, neg, *weights, *biases]]
         layers = len(weights)
         out = fn(leaves[0], leaves[1], leaves[2], leaves[3:3 + layers], leaves[3 + layers:], margin)
@@ -119,7 +119,7 @@ class TestHingeScore:
         (loss.sum() + pos_score.sum()).backward()
         ref_theta = theta.detach().clone().requires_grad_()
         ref_w, ref_b = views_of(ref_theta, [w.shape for w in weights], [b.shape for b in biases])
-        ref_loss, ref_pos, _ = _reference.hinge_score(user, pos, neg, ref_w, ref_b, 1.0)
+        ref_loss, ref_pos, _ = reference.hinge_score(user, pos, neg, ref_w, ref_b, 1.0)
         (ref_loss.sum() + ref_pos.sum()).backward()
         torch.testing.assert_close(loss, ref_loss.detach(), **tolerances(dtype))
         torch.testing.assert_close(theta.grad, ref_theta.grad, **tolerances(dtype))
@@ -131,12 +131,12 @@ class TestHingeScore:
         loss, pos_score, neg_score, d_weights, d_biases = torch.ops.s2meta.hinge_score_grad(
             user, pos, neg, weights, biases, 0.5)
         leaves = [t.clone().requires_grad_() for t in weights + biases]
-        want = _reference.hinge_score(user, pos, neg, leaves[:len(weights)], leaves[len(weights):], 0.5)
+        want = reference.hinge_score(user, pos, neg, leaves[:len(weights)], leaves[len(weights):], 0.5)
         want_grads = torch.autograd.grad(want[0].sum(), leaves, allow_unused=True)
         for got, ref in zip([loss, pos_score, neg_score, *d_weights, *d_biases], [*want, *want_grads]):
             ref = torch.zeros_like(got) if ref is None else ref.detach()
             torch.testing.assert_close(got, ref, **tolerances(dtype))
-        twin = _reference.hinge_score_grad(user, pos, neg, weights, biases, 0.5)
+        twin = reference.hinge_score_grad(user, pos, neg, weights, biases, 0.5)
         for got, ref in zip([loss, pos_score, neg_score, *d_weights, *d_biases], [*twin[:3], *twin[3], *twin[4]]):
             torch.testing.assert_close(got, ref, **tolerances(dtype))
         # The same numbers as the two-op path, bit for bit: one kernel computes both.
@@ -286,8 +286,8 @@ class TestHingeScore:
 
 _CLONE_CHECK = """
 import torch, s2meta_fast
-from s2meta_fast.ops import _reference
-from mlp_cases import make_embeddings, make_mlp
+from s2meta_fast.ops import reference
+from s2meta_fast.ops.sample_inputs import make_embeddings, make_mlp
 for dtype in (torch.float32, torch.float64):
     for scenarios, n, dim in ((None, 37, 24), (2, 20, 64)):
         weights, biases = make_mlp(dim, 4, scenarios, dtype)
@@ -295,13 +295,13 @@ for dtype in (torch.float32, torch.float64):
         leaves = [w.clone().requires_grad_() for w in weights]
         ref_leaves = [w.clone().requires_grad_() for w in weights]
         got = torch.ops.s2meta.hinge_score(user, item, item.flip(-2), leaves, biases, 1.0)
-        want = _reference.hinge_score(user, item, item.flip(-2), ref_leaves, biases, 1.0)
+        want = reference.hinge_score(user, item, item.flip(-2), ref_leaves, biases, 1.0)
         got[0].sum().backward(); want[0].sum().backward()
         tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else {}
         for a, b in zip(list(got) + [l.grad for l in leaves], list(want) + [l.grad for l in ref_leaves]):
             torch.testing.assert_close(a, b.detach(), **tol)
         torch.testing.assert_close(torch.ops.s2meta.score_matrix(user, item, weights, biases),
-                                   _reference.score_matrix(user, item, weights, biases), **tol)
+                                   reference.score_matrix(user, item, weights, biases), **tol)
 """
 
 

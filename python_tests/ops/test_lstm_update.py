@@ -13,15 +13,15 @@ from hypothesis import strategies as st
 
 import s2meta_fast
 from s2meta_fast import ops
-from s2meta_fast.ops import _reference as ref
-from s2meta_fast.ops._testing import DIFFERENTIABLE, cast, make_multi_args, with_grad
+from s2meta_fast.ops import reference as ref
+from s2meta_fast.ops.sample_inputs import DIFFERENTIABLE, cast, make_multi_args, with_grad
 
 pytestmark = pytest.mark.skipif(not s2meta_fast.backend().cpu_kernels, reason="compiled CPU kernels not built")
 requires_cuda = pytest.mark.skipif(not (torch.cuda.is_available() and s2meta_fast.backend().cuda_kernels),
                                    reason="needs a GPU and the compiled CUDA kernels")
 
 # fp32: the kernel's activations differ from ATen's by a few ulp and LayerNorm amplifies that by
-# its rstd, so values are compared at 1e-5 relative (SPEC §8) with a matching absolute floor.
+# its rstd, so values are compared at 1e-5 relative (docs/spec.md §8) with a matching absolute floor.
 TOL = {torch.float64: dict(rtol=1e-10, atol=1e-12), torch.float32: dict(rtol=1e-5, atol=1e-5)}
 OUTPUTS = ("theta_new", "h_new", "c_new", "alpha", "beta")
 
@@ -162,8 +162,8 @@ class TestLstmUpdateMulti:
         """The non-AVX2 build of the kernel (what a CPU without AVX2 runs) gives the same numbers."""
         code = (
             "import torch, s2meta_fast\n"
-            "from s2meta_fast.ops import _reference as ref\n"
-            "from s2meta_fast.ops._testing import make_multi_args\n"
+            "from s2meta_fast.ops import reference as ref\n"
+            "from s2meta_fast.ops.sample_inputs import make_multi_args\n"
             "a = make_multi_args(S=2, sizes=[37, 5, 70], dtype=torch.float32, seed=2)\n"
             "k, r = torch.ops.s2meta.lstm_update_multi(*a.values()), ref.lstm_update_multi(*a.values())\n"
             "for x, y in zip(k, r): torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-5)\n"
@@ -176,8 +176,8 @@ class TestLstmUpdateMulti:
         """The AVX2+FMA build (what a CPU without AVX-512 runs) matches the reference, forward and backward."""
         code = (
             "import torch, s2meta_fast\n"
-            "from s2meta_fast.ops import _reference as ref\n"
-            "from s2meta_fast.ops._testing import make_multi_args, with_grad\n"
+            "from s2meta_fast.ops import reference as ref\n"
+            "from s2meta_fast.ops.sample_inputs import make_multi_args, with_grad\n"
             "a = make_multi_args(S=2, sizes=[37, 5, 70], dtype=torch.float32, seed=2)\n"
             "ak, ar = with_grad(a), with_grad(a)\n"
             "k, r = torch.ops.s2meta.lstm_update_multi(*ak.values()), ref.lstm_update_multi(*ar.values())\n"
@@ -306,7 +306,7 @@ class TestCuda:
         _assert_same([g.cpu() for g in grads], cpu[1], dtype, [k for k in DIFFERENTIABLE if args[k] is not None])
 
     def test_cuda_paper_size_fp32(self):
-        from s2meta_fast.ops._testing import interaction_sizes
+        from s2meta_fast.ops.sample_inputs import interaction_sizes
         args = make_multi_args(S=2, sizes=interaction_sizes(64), dtype=torch.float32, seed=3)
         out_cpu = torch.ops.s2meta.lstm_update_multi(*args.values())
         out_gpu = torch.ops.s2meta.lstm_update_multi(*cast(args, device="cuda").values())

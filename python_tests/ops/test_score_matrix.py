@@ -5,9 +5,9 @@ import pytest
 import torch
 
 import s2meta_fast  # noqa: F401  (loads torch.ops.s2meta)
-from mlp_cases import (flat_theta_views, make_embeddings, make_mlp, strided_rows, tolerances,
+from s2meta_fast.ops.sample_inputs import (flat_theta_views, make_embeddings, make_mlp, strided_rows, tolerances,
                        transposed_storage, views_of)
-from s2meta_fast.ops import _reference
+from s2meta_fast.ops import reference
 
 op = torch.ops.s2meta.score_matrix
 DTYPES = [torch.float32, torch.float64]
@@ -45,7 +45,7 @@ class TestScoreMatrix:
     def test_matches_reference(self, case, dtype):
         user, item, weights, biases = make_case(case, dtype)
         got = op(user, item, weights, biases)
-        want = _reference.score_matrix(user, item, weights, biases)
+        want = reference.score_matrix(user, item, weights, biases)
         assert got.shape == want.shape
         torch.testing.assert_close(got, want, **tolerances(dtype))
 
@@ -67,7 +67,7 @@ class TestScoreMatrix:
         (user,) = make_embeddings(1, 20, 16, 3, dtype)
         (item,) = make_embeddings(1, 70, 16, 3, dtype, seed=5)
         got = op(strided_rows(user), transposed_storage(item), w_views, b_views)
-        torch.testing.assert_close(got, _reference.score_matrix(user, item, weights, biases), **tolerances(dtype))
+        torch.testing.assert_close(got, reference.score_matrix(user, item, weights, biases), **tolerances(dtype))
 
     @pytest.mark.parametrize("scenarios", [None, 2])
     def test_gradcheck(self, scenarios):

@@ -2,8 +2,8 @@
 
     data = prepare("ml100k", seed=0)                 # PreparedData, cached on disk
     sampler = TaskSampler(data, seed=0)
-    batch = sampler.train_batch(data.train, S=8)     # SPEC §5 training tasks
-    tasks = sampler.eval_tasks(data.test)            # SPEC §6 evaluation split
+    batch = sampler.train_batch(data.train, S=8)     # docs/spec.md §5 training tasks
+    tasks = sampler.eval_tasks(data.test)            # docs/spec.md §6 evaluation split
     adapt_in = support_batch(tasks)
 
 See docs/data.md for every dataset's scenario definition and thresholds.

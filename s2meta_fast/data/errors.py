@@ -1,8 +1,8 @@
 """Exceptions raised for bad input data.
 
-Each is a :class:`s2meta_fast.errors.DataError` and subclasses the built-in exception a caller
-would naturally catch (a missing file is a ``FileNotFoundError``, a bad row a ``ValueError``),
-so generic handlers keep working.
+All are :class:`s2meta_fast.errors.DataError`, and each also subclasses the built-in exception
+a caller would naturally catch (a missing file is a ``FileNotFoundError``, a bad row a
+``ValueError``), so generic handlers keep working.
 """
 from __future__ import annotations
 
@@ -27,3 +27,6 @@ class UnknownDatasetError(DataError, KeyError):
 
     def __str__(self) -> str:  # KeyError would otherwise repr() the message
         return str(self.args[0]) if self.args else ""
+
+
+__all__ = ["DataError", "DataFileError", "DataFormatError", "EmptyDataError", "UnknownDatasetError"]

@@ -22,8 +22,8 @@ from .prepared import PreparedData, Scenario
 
 log = logging.getLogger(__name__)
 
-SUPPORT_SIZE = 64    # SPEC §5/§6: |D_train|
-QUERY_SIZE = 128     # SPEC §5: query positives per training task
+SUPPORT_SIZE = 64    # docs/spec.md §5/§6: |D_train|
+QUERY_SIZE = 128     # docs/spec.md §5: query positives per training task
 
 
 @dataclass

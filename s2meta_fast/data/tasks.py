@@ -1,4 +1,4 @@
-"""Meta-learning tasks: SPEC §5 training tasks and the SPEC §6 evaluation split.
+"""Meta-learning tasks: docs/spec.md §5 training tasks and the docs/spec.md §6 evaluation split.
 
 Everything a draw needs is precomputed once per scenario (item pool, local item indices, a
 sorted (user, item) key set for "never touched" tests), so a 64-scenario batch is a few
@@ -48,7 +48,7 @@ class TaskBatch:
 
 @dataclass
 class EvalTask:
-    """One test scenario under SPEC §6; numpy int64 arrays of global ids unless noted."""
+    """One test scenario under docs/spec.md §6; numpy int64 arrays of global ids unless noted."""
 
     name: str
     support_users: np.ndarray      # [64]
@@ -117,7 +117,7 @@ def _stable_hash(name: str) -> int:
 
 
 class TaskSampler:
-    """Draws SPEC §5 training tasks and builds the SPEC §6 evaluation split, reproducibly.
+    """Draws docs/spec.md §5 training tasks and builds the docs/spec.md §6 evaluation split, reproducibly.
 
     ``train_batch`` advances one numpy Generator seeded by ``seed`` (its state is exposed by
     ``state_dict`` so interrupted training resumes the same stream); ``eval_tasks`` derives a
@@ -159,7 +159,7 @@ class TaskSampler:
             idx = self._cache[name] = _Index(sc)
         return idx
 
-    # -- SPEC §5 -------------------------------------------------------------------------------
+    # -- docs/spec.md §5 -----------------------------------------------------------------------
     def _negatives(self, ix: _Index, users: np.ndarray) -> np.ndarray:
         """Uniform over the pool minus the items each user touched in the scenario (rejection)."""
         P = ix.pool.shape[0]
@@ -259,7 +259,7 @@ class TaskSampler:
                          query_pos=t(np.take_along_axis(pool, ql, 1)), query_neg=t(np.take_along_axis(pool, neg, 1)),
                          names=[cat.ixs[k].name for k in pick], query_pos_index=t(ql), query_neg_index=t(neg))
 
-    # -- SPEC §6 -------------------------------------------------------------------------------
+    # -- docs/spec.md §6 -----------------------------------------------------------------------
     def eval_task(self, scenario: Scenario | str) -> EvalTask:
         ix = self._index(scenario)
         rng = np.random.default_rng([self.seed, _stable_hash(ix.name), 0xE7A1])

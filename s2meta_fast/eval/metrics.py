@@ -1,4 +1,4 @@
-"""Top-K ranking metrics over score matrices, pooled over (scenario, user) pairs (SPEC §6).
+"""Top-K ranking metrics over score matrices, pooled over (scenario, user) pairs (docs/spec.md §6).
 
 The protocol feeds padded blocks ``scores [S, A, B]`` (S scenarios, A users, B candidate items)
 with a boolean relevance tensor of the same shape and masks for the padding. Every metric is a

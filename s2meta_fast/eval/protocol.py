@@ -1,4 +1,4 @@
-"""The Table-3 protocol (SPEC §6): adapt on each test scenario's 64 support pairs, rank all of its
+"""The Table-3 protocol (docs/spec.md §6): adapt on each test scenario's 64 support pairs, rank all of its
 items for every evaluation user, pool Recall/NDCG/HitRate@K over (scenario, user) pairs.
 
 Scenarios are grouped into blocks of similar size and padded, so a method adapts a whole block

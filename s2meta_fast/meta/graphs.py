@@ -1,4 +1,4 @@
-"""CUDA-graph capture of the whole inner loop (issue 4).
+"""CUDA-graph capture of the whole inner loop.
 
 The inner loop is launch-bound at the paper's sizes (a 10,881-scalar recommender, 64 pairs):
 each of its T_max steps is a few dozen small kernels. Captured once per input shape and
@@ -154,7 +154,8 @@ class GraphedInnerLoop:
 
     def _capture(self, inputs: Dict[str, Tensor], noise: InnerNoise) -> _Captured:
         static_inputs = {name: tensor.clone() for name, tensor in inputs.items()}
-        static_noise = InnerNoise(*(None if t is None else t.clone() for t in (noise.neg, noise.stop, noise.theta0)))
+        static_noise = InnerNoise(*(None if t is None else t.clone() for t in (noise.neg, noise.stop, noise.theta0,
+                                                                                noise.pick)))
         static_batch = SimpleNamespace(**{name: static_inputs.get(name) for name in BATCH_FIELDS})
         params: List[torch.nn.Parameter] = [p for p in self.learner.parameters() if p.requires_grad]
         stream = torch.cuda.Stream()

@@ -79,9 +79,17 @@ def frozen_gc() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def training_host(device) -> Iterator[None]:
-    """Both settings for a training or evaluation loop on `device` (the heap one on the CPU only)."""
-    if getattr(device, "type", str(device)) == "cpu":
+def training_host(device, keep_memory: bool = True) -> Iterator[None]:
+    """The settings for a training or evaluation loop on `device`.
+
+    Args:
+        device: the loop's device; the heap setting only matters on the CPU.
+        keep_memory: also call :func:`keep_freed_memory` (CPU only). It changes glibc's allocator
+            for the whole process and is never undone, so a library caller opts in:
+            ``MetaTrainer(..., keep_freed_memory=True)``; the ``s2meta`` command line does
+            (``--keep-freed-memory``, on by default).
+    """
+    if keep_memory and getattr(device, "type", str(device)) == "cpu":
         keep_freed_memory()
     with frozen_gc():
         yield

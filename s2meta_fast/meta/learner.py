@@ -98,7 +98,7 @@ class MetaLossTerms:
 
 
 class MetaLearner(nn.Module):
-    """s²Meta's meta learner over a recommender with a flat θ (paper §4.2, SPEC §3-5).
+    """s²Meta's meta learner over a recommender with a flat θ (paper §4.2, docs/spec.md §3-5).
 
     Args:
         model: a recommender from :func:`s2meta_fast.models.build_model`.
@@ -135,7 +135,8 @@ class MetaLearner(nn.Module):
             controller = FastUpdateController if config.fused else UpdateController
             self.update_controller = controller(model.param_shapes, hidden_size=config.hidden_size, p=config.p,
                                                 clip=config.clip, layer_norm=config.layer_norm,
-                                                forget_bias_fix=config.forget_bias_fix)
+                                                forget_bias_fix=config.forget_bias_fix,
+                                                zero_hh_bias=config.zero_hh_bias, state_init=config.state_init)
         else:
             self.update_controller = None
         # kept under every stop mode so a FixedStep-trained learner can still be evaluated with a stop
@@ -161,7 +162,8 @@ class MetaLearner(nn.Module):
         if self.config.init == "random":  # RandInit: a fresh θ⁽⁰⁾ per scenario, drawn with the rest
             init = functools.partial(self.model.init_theta, dtype=self.user_emb.dtype, device=self.user_emb.device)
         return InnerNoise.draw(self.config.loop_length(stop), n_scenarios, n_support, generator=generator,
-                               device=self.user_emb.device, dtype=self.user_emb.dtype, init_theta=init)
+                               device=self.user_emb.device, dtype=self.user_emb.dtype, init_theta=init,
+                               batch_size=self.config.inner_batch)
 
     def initial_theta(self, n_scenarios: int, noise: InnerNoise) -> Tensor:
         if self.omega is not None:
@@ -178,12 +180,27 @@ class MetaLearner(nn.Module):
         c = ctrl.c0.index_select(0, self.segment_ids).unsqueeze(0).expand(n_scenarios, -1, -1)
         return h, c
 
-    def _negatives(self, batch, uniform: Tensor) -> Tensor:
-        """Item ids of fresh negatives, uniform over the pool minus the positive (design.md)."""
+    def _negatives(self, batch, uniform: Tensor, item_index: Optional[Tensor] = None) -> Tensor:
+        """Item ids of fresh negatives, uniform over the pool minus the positive (design.md).
+
+        `item_index` [S, n]: the positives' places in the pool (default: every support pair's).
+        """
+        item_index = batch.support_item_index if item_index is None else item_index
         size = batch.pool_size.unsqueeze(-1)
         offset = torch.floor(uniform * (size - 1).to(uniform.dtype)).long()
-        index = torch.remainder(batch.support_item_index + 1 + offset, size)
+        index = torch.remainder(item_index + 1 + offset, size)
         return batch.pool.gather(1, index)
+
+    def _step_batch(self, batch, noise: InnerNoise, t: int, users: Tensor, positives: Tensor):
+        """Step t's (users, positives, negatives) embeddings: every support pair, or `noise.pick`'s."""
+        if noise.pick is None:
+            return users, positives, self.item_emb[self._negatives(batch, noise.neg[t])]
+        n_support = batch.support_users.shape[1]
+        picked = torch.floor(noise.pick[t] * n_support).long().clamp_(max=n_support - 1)   # [S, m]
+        item_index = batch.support_item_index.gather(1, picked)
+        return (self.user_emb[batch.support_users.gather(1, picked)],
+                self.item_emb[batch.support_items.gather(1, picked)],
+                self.item_emb[self._negatives(batch, noise.neg[t], item_index)])
 
     def adapt(self, batch, stop: Optional[str] = None, generator: Optional[torch.Generator] = None,
               record: bool = False, noise: Optional[InnerNoise] = None) -> AdaptOutput:
@@ -212,9 +229,12 @@ class MetaLearner(nn.Module):
         cfg, model = self.config, self.model
         n_scenarios = batch.support_users.shape[0]
         n_steps = cfg.loop_length(stop)
-        if noise.neg.shape[0] < n_steps or noise.neg.shape[1:] != batch.support_users.shape:
-            raise ValueError(f"noise.neg must be [>= {n_steps}, S, n] = [{n_steps}, "
-                             f"{tuple(batch.support_users.shape)}], got {tuple(noise.neg.shape)}")
+        width = batch.support_users.shape[1] if noise.pick is None else noise.pick.shape[-1]
+        if noise.neg.shape[0] < n_steps or noise.neg.shape[1:] != (n_scenarios, width):
+            raise ValueError(f"noise.neg must be [>= {n_steps}, S, n] = [{n_steps}, {n_scenarios}, {width}], "
+                             f"got {tuple(noise.neg.shape)}")
+        if noise.pick is not None and (noise.pick.shape[0] < n_steps or noise.pick.shape[1] != n_scenarios):
+            raise ValueError(f"noise.pick must be [>= {n_steps}, {n_scenarios}, n], got {tuple(noise.pick.shape)}")
         users = self.user_emb[batch.support_users]
         positives = self.item_emb[batch.support_items]
         if track_query:
@@ -229,9 +249,9 @@ class MetaLearner(nn.Module):
         rec: Dict[str, List[Tensor]] = {k: [] for k in ("loss", "alpha", "beta", "theta", "query")}
 
         for t in range(n_steps):
-            negatives = self.item_emb[self._negatives(batch, noise.neg[t])]
+            step_users, step_positives, negatives = self._step_batch(batch, noise, t, users, positives)
             # first order: ∇ is taken at a detached θ, so it is a constant for the meta-gradient
-            loss, grad = model.loss_and_grad(theta, users, positives, negatives, cfg.margin)
+            loss, grad = model.loss_and_grad(theta, step_users, step_positives, negatives, cfg.margin)
             theta_before = theta.detach()
             if track_query:
                 with torch.no_grad():
@@ -307,7 +327,7 @@ class MetaLearner(nn.Module):
                   noise: Optional[InnerNoise] = None) -> MetaLossTerms:
         """Query hinge loss after adaptation plus the stop controller's REINFORCE surrogate.
 
-        For scenario s with T updates, the surrogate is (SPEC §4, paper Eqs. 10-11)
+        For scenario s with T updates, the surrogate is (docs/spec.md §4, paper Eqs. 10-11)
         ``Σ_{t non-stopping} −log(1 − p⁽ᵗ⁾) · (L_test(θ⁽ᵗ⁾) − L_test(θ⁽ᵀ⁾))`` with the advantage
         detached (0-based t: θ⁽ᵗ⁾ is the parameter the step started from). The stopping step's
         own term has return L_test(θ⁽ᵀ⁾) − L_test(θ⁽ᵀ⁾) = 0, so it is omitted (docs/method.md).

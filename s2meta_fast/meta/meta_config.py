@@ -3,15 +3,17 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import Optional
 
 INIT_MODES = ("learned", "random")
 UPDATE_MODES = ("lstm", "sgd")
 STOP_MODES = ("sample", "threshold", "fixed")
+STATE_INITS = ("zeros", "normal")
 
 
 @dataclass(frozen=True)
 class MetaConfig:
-    """The meta learner's settings (SPEC §3-5); defaults reproduce the paper and authors' code.
+    """The meta learner's settings (docs/spec.md §3-5); defaults reproduce the paper and authors' code.
 
     Attributes:
         hidden_size: H, the update controller's LSTM width per coordinate.
@@ -28,6 +30,13 @@ class MetaConfig:
         stop_threshold: the threshold of ``stop == "threshold"``.
         layer_norm: LayerNorm on the update controller's hidden state (authors' code).
         forget_bias_fix: put the authors' bias-1 init into the forget gate (see UpdateController).
+        zero_hh_bias: also zero ``b_hh`` on the slice that gets the +1 (the authors' code), so the
+            slice's total bias is exactly 1 rather than 1 + U(±1/√H).
+        state_init: initial value of the update controller's learned h₀, c₀: "zeros" (ours) or
+            "normal" (N(0, 1), the authors' code).
+        inner_batch: support pairs per inner step: None uses each of the scenario's support
+            pairs once (ours); an int draws that many uniformly *with replacement* (the
+            authors' MovieLens setting is 128).
         fused: FastUpdateController and the fused scoring ops instead of the pure-PyTorch twins.
         margin: hinge-loss margin.
     """
@@ -45,6 +54,9 @@ class MetaConfig:
     stop_threshold: float = 0.5
     layer_norm: bool = True
     forget_bias_fix: bool = False
+    zero_hh_bias: bool = False
+    state_init: str = "zeros"
+    inner_batch: Optional[int] = None
     fused: bool = True
     margin: float = 1.0
 
@@ -67,6 +79,10 @@ class MetaConfig:
         need(self.inner_lr > 0, f"inner_lr must be positive, got {self.inner_lr}")
         need(0.0 < self.stop_threshold < 1.0, f"stop_threshold must lie in (0, 1), got {self.stop_threshold}")
         need(self.margin > 0, f"margin must be positive, got {self.margin}")
+        need(self.state_init in STATE_INITS, f"state_init must be one of {STATE_INITS}, got {self.state_init!r}")
+        need(self.inner_batch is None or (isinstance(self.inner_batch, int) and not isinstance(self.inner_batch, bool)
+                                          and self.inner_batch >= 1),
+             f"inner_batch must be a positive int or null, got {self.inner_batch!r}")
 
     def loop_length(self, stop: str | None = None) -> int:
         """Inner steps the loop runs under stop mode `stop` (default: ``self.stop``)."""

@@ -1,4 +1,4 @@
-"""Stop controller (SPEC §4, paper Eq. 9): an LSTM over the step's loss and gradient norms."""
+"""Stop controller (docs/spec.md §4, paper Eq. 9): an LSTM over the step's loss and gradient norms."""
 from __future__ import annotations
 
 from typing import Tuple
@@ -7,7 +7,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import ops
-from ..ops import _reference
+from ..ops import reference
 
 State = Tuple[Tensor, Tensor]
 
@@ -48,7 +48,7 @@ class StopController(nn.Module):
     def features(self, grad_norms: Tensor, loss: Tensor) -> Tensor:
         """[S, K] norms and [S] losses → [S, K+1] log-magnitude features (stop-gradient)."""
         raw = torch.cat([grad_norms.detach(), loss.detach().unsqueeze(-1)], dim=-1)
-        preprocess = ops.grad_preprocess if self.fused else _reference.grad_preprocess
+        preprocess = ops.grad_preprocess if self.fused else reference.grad_preprocess
         return preprocess(raw.contiguous(), self.p)[..., 0]
 
     def forward(self, grad_norms: Tensor, loss: Tensor, state: State) -> Tuple[Tensor, State]:

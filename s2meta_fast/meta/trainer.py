@@ -14,7 +14,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, TrainingError
+from ..models import MODELS
 from . import checkpoint
 from .graphs import GraphedInnerLoop
 from .host import training_host
@@ -54,18 +55,30 @@ def checkpoint_differences(state: Dict[str, Any], learner: MetaLearner) -> List[
     return diffs
 
 
-class NonFiniteMetaLoss(RuntimeError):
+class NonFiniteMetaLoss(TrainingError):
     """Raised after `max_nonfinite` meta-steps in a row had a non-finite loss or gradient."""
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Outer-loop settings (SPEC §5). Defaults follow the authors' code.
+    """Meta-training settings (the outer loop of Algorithm 1, docs/spec.md §5). Defaults follow the authors' code.
+
+    These defaults are the one set the library and the command line share; the command line
+    starts from a named preset on top of them (``s2meta_fast.config.PRESETS``: "demo", sized for a
+    minutes-long CPU run, and "paper", the authors' settings). docs/method.md lists the
+    departures from the authors' code and the option that restores each.
 
     Attributes:
+        model: the recommender kind the learner is built around (a name in
+            :data:`s2meta_fast.models.MODELS`); read by whoever builds the learner (the
+            application), not by :class:`MetaTrainer`, which trains the learner it is given.
+        meta_steps: meta-steps in total (each adapts ``meta_batch`` scenarios); what
+            :meth:`MetaTrainer.fit` trains to when not given a count.
         optimizer: "adam" (authors' code) or "sgd" (the paper: lr 1e-4, weight decay 1e-5).
         lr_init, lr_update, lr_stop: Adam learning rates for ω_R, the update controller and the
             stop controller.
+        weight_decay: Adam's L2 weight decay on every meta-parameter. 0 by default; the authors'
+            code uses 1e-5 (1e-6 on Amazon), see docs/method.md.
         sgd_lr, sgd_weight_decay: the SGD settings (one learning rate for everything).
         grad_clip: gradient *value* clip (``clip_grad_value_``).
         meta_batch: B scenarios per meta-step; the meta-gradient is their mean.
@@ -80,10 +93,13 @@ class TrainConfig:
         quiet: no progress bar and no info log lines.
     """
 
+    model: str = "interaction"
+    meta_steps: int = 400
     optimizer: str = "adam"
     lr_init: float = 1e-4
     lr_update: float = 1e-4
     lr_stop: float = 5e-5
+    weight_decay: float = 0.0
     sgd_lr: float = 1e-4
     sgd_weight_decay: float = 1e-5
     grad_clip: float = 0.25
@@ -101,19 +117,31 @@ class TrainConfig:
     quiet: bool = False
 
     def __post_init__(self) -> None:
-        if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"TrainConfig: optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        def need(ok: bool, message: str) -> None:
+            if not ok:
+                raise ValueError(f"TrainConfig: {message}")
+
+        need(self.model in MODELS, f"model must be one of {tuple(MODELS)}, got {self.model!r}")
+        need(self.optimizer in OPTIMIZERS, f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
         for name in ("lr_init", "lr_update", "lr_stop", "sgd_lr", "grad_clip"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"TrainConfig: {name} must be positive, got {getattr(self, name)}")
+            need(getattr(self, name) > 0, f"{name} must be positive, got {getattr(self, name)}")
+        for name in ("weight_decay", "sgd_weight_decay"):
+            need(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
         for name in ("meta_batch", "max_nonfinite", "plateau_patience", "keep_checkpoints"):
-            if not (isinstance(getattr(self, name), int) and getattr(self, name) >= 1):
-                raise ValueError(f"TrainConfig: {name} must be an int >= 1, got {getattr(self, name)!r}")
-        for name in ("validate_every", "checkpoint_every", "log_every"):
-            if not (isinstance(getattr(self, name), int) and getattr(self, name) >= 0):
-                raise ValueError(f"TrainConfig: {name} must be an int >= 0 (0 disables), got {getattr(self, name)!r}")
-        if not 0 < self.plateau_factor < 1:
-            raise ValueError(f"TrainConfig: plateau_factor must lie in (0, 1), got {self.plateau_factor}")
+            need(_is_int(getattr(self, name)) and getattr(self, name) >= 1,
+                 f"{name} must be an int >= 1, got {getattr(self, name)!r}")
+        for name in ("meta_steps", "validate_every", "checkpoint_every", "log_every"):
+            need(_is_int(getattr(self, name)) and getattr(self, name) >= 0,
+                 f"{name} must be an int >= 0{'' if name == 'meta_steps' else ' (0 disables)'}, "
+                 f"got {getattr(self, name)!r}")
+        need(0 < self.plateau_factor < 1, f"plateau_factor must lie in (0, 1), got {self.plateau_factor}")
+
+    def replace(self, **changes: Any) -> "TrainConfig":
+        return dataclasses.replace(self, **changes)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _package_version() -> str:
@@ -127,7 +155,7 @@ def build_optimizer(learner: MetaLearner, cfg: TrainConfig) -> torch.optim.Optim
              (learner.stop_parameters(), cfg.lr_stop, "stop")]
     if cfg.optimizer == "adam":
         groups = [{"params": params, "lr": lr, "name": name} for params, lr, name in parts if params]
-        return torch.optim.Adam(groups)
+        return torch.optim.Adam(groups, weight_decay=cfg.weight_decay)
     groups = [{"params": params, "name": name} for params, _, name in parts if params]
     return torch.optim.SGD(groups, lr=cfg.sgd_lr, weight_decay=cfg.sgd_weight_decay)
 
@@ -166,13 +194,19 @@ class MetaTrainer:
             ``best.pt`` (at the best validation score) go.
         validate: ``validate(learner) -> float``, higher is better (e.g. validation Recall@20);
             drives the plateau scheduler and the best checkpoint. Never pass a test metric.
+        keep_freed_memory: on a CPU device, let :meth:`fit` set glibc's allocator to keep freed
+            memory (:func:`s2meta_fast.meta.host.keep_freed_memory`): a CPU meta-step no longer
+            faults its few hundred MB of saved states back in (docs/performance.md). Process-wide
+            and never undone, hence off by default; ``s2meta`` turns it on.
     """
 
     def __init__(self, learner: MetaLearner, sampler, train_scenarios, cfg: TrainConfig = TrainConfig(),
-                 out_dir: str | Path = "checkpoints", validate: Optional[Callable[[MetaLearner], float]] = None):
+                 out_dir: str | Path = "checkpoints", validate: Optional[Callable[[MetaLearner], float]] = None,
+                 keep_freed_memory: bool = False):
         self.learner, self.sampler, self.train_scenarios, self.cfg = learner, sampler, train_scenarios, cfg
         self.out_dir = Path(out_dir)
         self.validate = validate
+        self.keep_freed_memory = keep_freed_memory
         self.device = learner.user_emb.device
         self.optimizer = build_optimizer(learner, cfg)
         self.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
@@ -253,11 +287,12 @@ class MetaTrainer:
         self._info("resumed from %s at meta-step %d", path, self.step)
 
     # -- training -----------------------------------------------------------------------------
-    def fit(self, meta_steps: int, resume: bool = False) -> Dict[str, Any]:
+    def fit(self, meta_steps: Optional[int] = None, resume: bool = False) -> Dict[str, Any]:
         """Trains until `meta_steps` meta-steps in total have been taken.
 
         Args:
-            meta_steps: the total step count (a resumed run continues to the same total).
+            meta_steps: the total step count (a resumed run continues to the same total);
+                default ``cfg.meta_steps``.
             resume: continue from the newest intact checkpoint in ``out_dir`` (the kept series and
                 ``best.pt``) when there is one; every one there damaged is a CheckpointError.
 
@@ -265,13 +300,14 @@ class MetaTrainer:
             ``{"step", "best_score", "history"}``.
         """
         cfg = self.cfg
+        meta_steps = cfg.meta_steps if meta_steps is None else meta_steps
         if resume:
             self._resume()
         running: Dict[str, float] = {"loss": 0.0, "query": 0.0, "reinforce": 0.0, "steps": 0.0, "n": 0}
         params = [p for p in self.learner.parameters() if p.requires_grad]
         bar = tqdm(total=meta_steps, initial=self.step, disable=cfg.quiet, desc="meta-train", unit="step")
         try:
-            with training_host(self.device):
+            with training_host(self.device, keep_memory=self.keep_freed_memory):
                 self._train_until(meta_steps, running, params, bar)
         finally:
             bar.close()

@@ -1,4 +1,4 @@
-"""The update controller of s²Meta (SPEC §3): one coordinatewise LSTM per adapted tensor.
+"""The update controller of s²Meta (docs/spec.md §3): one coordinatewise LSTM per adapted tensor.
 
 Every scalar of the recommender's flat parameters θ ``[S, N]`` carries its own LSTM state
 ``(h, c)``; the K tensors (segments of θ, see :attr:`offsets`) each have their own controller
@@ -19,7 +19,8 @@ import torch
 from torch import Tensor, nn
 
 from .. import ops
-from ..ops import _reference
+from ..ops import reference
+from .meta_config import STATE_INITS
 
 State = Tuple[Tensor, Tensor]
 
@@ -38,6 +39,11 @@ class _UpdateControllerBase(nn.Module):
             the *input*-gate block (almost certainly meant as the usual forget-gate bias). The
             default ``False`` reproduces that faithfully; ``True`` sets the forget-gate block
             ``b_ih[:, H:2H]`` to 1 instead.
+        zero_hh_bias: also zero ``b_hh`` on the slice that gets the +1, as the authors' code
+            does, so that slice's total bias is exactly 1. Default ``False``: ``b_hh`` keeps
+            LSTMCell's uniform init there too (docs/method.md, departures).
+        state_init: the learned initial state's starting value: "zeros" (default) or "normal"
+            (N(0, 1) from torch's global RNG, the authors' code).
 
     Parameters (all stacked over the K tensors): ``w_ih [K,4H,5]``, ``w_hh [K,4H,H]``,
     ``b_ih [K,4H]``, ``b_hh [K,4H]``, ``ln_weight [K,H]``, ``ln_bias [K,H]`` (only with
@@ -46,7 +52,8 @@ class _UpdateControllerBase(nn.Module):
     """
 
     def __init__(self, param_shapes: Sequence[Sequence[int]], hidden_size: int = 16, p: float = 10.0,
-                 clip: float = 1.0, layer_norm: bool = True, forget_bias_fix: bool = False) -> None:
+                 clip: float = 1.0, layer_norm: bool = True, forget_bias_fix: bool = False,
+                 zero_hh_bias: bool = False, state_init: str = "zeros") -> None:
         super().__init__()
         shapes = [tuple(int(d) for d in shape) for shape in param_shapes]
         if not shapes:
@@ -59,10 +66,13 @@ class _UpdateControllerBase(nn.Module):
             raise ValueError(f"p must be positive, got {p}")
         if not clip >= 0:
             raise ValueError(f"clip must be non-negative, got {clip}")
+        if state_init not in STATE_INITS:
+            raise ValueError(f"state_init must be one of {STATE_INITS}, got {state_init!r}")
         self.param_shapes: List[Tuple[int, ...]] = shapes
         self.hidden_size = H = int(hidden_size)
         self.p, self.clip = float(p), float(clip)
         self.layer_norm, self.forget_bias_fix = bool(layer_norm), bool(forget_bias_fix)
+        self.zero_hh_bias, self.state_init = bool(zero_hh_bias), state_init
         offsets = [0]
         for shape in shapes:
             offsets.append(offsets[-1] + math.prod(shape))
@@ -89,16 +99,16 @@ class _UpdateControllerBase(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """SPEC §3 initialisation (the authors' code), including their bias quirk."""
+        """docs/spec.md §3 initialisation (the authors' code), including their bias quirk."""
         H = self.hidden_size
         bound = 1.0 / math.sqrt(H)  # nn.LSTMCell's default
         with torch.no_grad():
             for weight in (self.w_ih, self.w_hh, self.b_ih, self.b_hh):
                 weight.uniform_(-bound, bound)
-            if self.forget_bias_fix:
-                self.b_ih[:, H:2 * H] = 1.0
-            else:
-                self.b_ih[:, 4:8] = 1.0
+            one = slice(H, 2 * H) if self.forget_bias_fix else slice(4, 8)
+            self.b_ih[:, one] = 1.0
+            if self.zero_hh_bias:
+                self.b_hh[:, one] = 0.0
             for k in range(self.w_gate.shape[0]):
                 nn.init.xavier_normal_(self.w_gate[k])
             self.b_gate[:, 0] = 0.0  # α₀ ≈ 0.5
@@ -106,8 +116,12 @@ class _UpdateControllerBase(nn.Module):
             if self.layer_norm:
                 self.ln_weight.fill_(1.0)
                 self.ln_bias.zero_()
-            self.h0.zero_()
-            self.c0.zero_()
+            if self.state_init == "normal":
+                self.h0.normal_()
+                self.c0.normal_()
+            else:
+                self.h0.zero_()
+                self.c0.zero_()
 
     @property
     def n_params(self) -> int:
@@ -162,7 +176,8 @@ class _UpdateControllerBase(nn.Module):
     def extra_repr(self) -> str:
         return (f"tensors={len(self.param_shapes)}, n_params={self.n_params}, hidden_size={self.hidden_size}, "
                 f"p={self.p}, clip={self.clip}, layer_norm={self.layer_norm}, "
-                f"forget_bias_fix={self.forget_bias_fix}")
+                f"forget_bias_fix={self.forget_bias_fix}, zero_hh_bias={self.zero_hh_bias}, "
+                f"state_init={self.state_init}")
 
 
 class UpdateController(_UpdateControllerBase):
@@ -170,7 +185,7 @@ class UpdateController(_UpdateControllerBase):
 
     @staticmethod
     def _step(*args):
-        return _reference.lstm_update_multi(*args)
+        return reference.lstm_update_multi(*args)
 
 
 class FastUpdateController(_UpdateControllerBase):

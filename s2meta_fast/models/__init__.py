@@ -13,7 +13,7 @@ def build_model(kind: str, embed_dim: int, fused: bool = True) -> FlatRecommende
     """The recommender named `kind` for embeddings of size `embed_dim`.
 
     Args:
-        kind: "interaction" (the paper's model), "mapping" or "hybrid" (SPEC §2).
+        kind: "interaction" (the paper's model), "mapping" or "hybrid" (docs/spec.md §2).
         embed_dim: d, the size of the frozen user/item embeddings.
         fused: score through the fused ops (interaction model) instead of their reference twins.
     """

@@ -7,7 +7,7 @@ import torch
 from torch import Tensor
 
 from .. import ops
-from ..ops import _reference
+from ..ops import reference
 from .base import FlatRecommender
 
 
@@ -34,7 +34,7 @@ class InteractionRecommender(FlatRecommender):
     def loss(self, theta: Tensor, users: Tensor, pos: Tensor, neg: Tensor,
              margin: float = 1.0) -> Tuple[Tensor, Tensor, Tensor]:
         weights, biases = self.split(theta)
-        hinge = ops.hinge_score if self.fused else _reference.hinge_score
+        hinge = ops.hinge_score if self.fused else reference.hinge_score
         return hinge(users, pos, neg, weights, biases, margin)
 
     def loss_and_grad(self, theta: Tensor, users: Tensor, pos: Tensor, neg: Tensor,
@@ -49,9 +49,9 @@ class InteractionRecommender(FlatRecommender):
 
     def pair_scores(self, theta: Tensor, users: Tensor, items: Tensor) -> Tensor:
         weights, biases = self.split(theta)
-        return _reference.mlp_forward(torch.cat([users, items], dim=-1), weights, biases)
+        return reference.mlp_forward(torch.cat([users, items], dim=-1), weights, biases)
 
     def scores(self, theta: Tensor, users: Tensor, items: Tensor) -> Tensor:
         weights, biases = self.split(theta)
-        score = ops.score_matrix if self.fused else _reference.score_matrix
+        score = ops.score_matrix if self.fused else reference.score_matrix
         return score(users, items, weights, biases)

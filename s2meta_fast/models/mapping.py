@@ -29,7 +29,7 @@ class MappingRecommender(FlatRecommender):
 
     @staticmethod
     def _tower(x: Tensor, weights: List[Tensor], biases: List[Tensor]) -> Tensor:
-        # not _reference.mlp_forward: that squeezes a trailing width of 1, which a d = 1 tower would hit
+        # not reference.mlp_forward: that squeezes a trailing width of 1, which a d = 1 tower would hit
         out = x
         for layer, (weight, bias) in enumerate(zip(weights, biases)):
             out = out @ weight.transpose(-1, -2) + bias.unsqueeze(-2)

@@ -1,7 +1,7 @@
 """Public, typed entry points to the fused ops.
 
 Each function runs the compiled kernel (``torch.ops.s2meta.<op>``) for tensors on a device the
-extension serves and the pure-PyTorch twin in :mod:`s2meta_fast.ops._reference` otherwise; the
+extension serves and the pure-PyTorch twin in :mod:`s2meta_fast.ops.reference` otherwise; the
 twin is also the definition of what the kernel computes. ``s2meta_fast.backend()`` says which.
 """
 from __future__ import annotations
@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from .. import _extension
-from . import _reference
+from . import reference
 
 if _extension.BACKEND.extension_loaded:
     from . import _registrations  # noqa: F401  (fake + autograd formulas for every op)
@@ -43,14 +43,14 @@ def grad_preprocess(x: Tensor, p: float = 10.0) -> Tensor:
     """
     if _use_kernel(x.device):
         return torch.ops.s2meta.grad_preprocess(x, p)
-    return _reference.grad_preprocess(x, p)
+    return reference.grad_preprocess(x, p)
 
 
 def lstm_update(theta: Tensor, grad: Tensor, loss: Tensor, h: Tensor, c: Tensor,
                 w_ih: Tensor, w_hh: Tensor, b_ih: Tensor, b_hh: Tensor,
                 ln_weight: Optional[Tensor], ln_bias: Optional[Tensor], w_gate: Tensor, b_gate: Tensor,
                 p: float = 10.0, clip: float = 1.0) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """One coordinatewise-LSTM update of a parameter tensor (SPEC §3).
+    """One coordinatewise-LSTM update of a parameter tensor (docs/spec.md §3).
 
     Args:
         theta: parameters, any shape (N scalars).
@@ -68,7 +68,7 @@ def lstm_update(theta: Tensor, grad: Tensor, loss: Tensor, h: Tensor, c: Tensor,
     if _use_kernel(theta.device):
         return torch.ops.s2meta.lstm_update(theta, grad, loss, h, c, w_ih, w_hh, b_ih, b_hh,
                                             ln_weight, ln_bias, w_gate, b_gate, p, clip)
-    return _reference.lstm_update(theta, grad, loss, h, c, w_ih, w_hh, b_ih, b_hh,
+    return reference.lstm_update(theta, grad, loss, h, c, w_ih, w_hh, b_ih, b_hh,
                                   ln_weight, ln_bias, w_gate, b_gate, p, clip)
 
 
@@ -93,7 +93,7 @@ def lstm_update_multi(theta: Tensor, grad: Tensor, loss: Tensor, h: Tensor, c: T
     if _use_kernel(theta.device):
         return torch.ops.s2meta.lstm_update_multi(theta, grad, loss, h, c, offsets, w_ih, w_hh, b_ih, b_hh,
                                                   ln_weight, ln_bias, w_gate, b_gate, p, clip)
-    return _reference.lstm_update_multi(theta, grad, loss, h, c, offsets, w_ih, w_hh, b_ih, b_hh,
+    return reference.lstm_update_multi(theta, grad, loss, h, c, offsets, w_ih, w_hh, b_ih, b_hh,
                                         ln_weight, ln_bias, w_gate, b_gate, p, clip)
 
 
@@ -114,7 +114,7 @@ def hinge_score(user_emb: Tensor, pos_emb: Tensor, neg_emb: Tensor, weights: Seq
     weights, biases = list(weights), list(biases)
     if _use_kernel(user_emb.device):
         return torch.ops.s2meta.hinge_score(user_emb, pos_emb, neg_emb, weights, biases, margin)
-    return _reference.hinge_score(user_emb, pos_emb, neg_emb, weights, biases, margin)
+    return reference.hinge_score(user_emb, pos_emb, neg_emb, weights, biases, margin)
 
 
 def hinge_score_grad(user_emb: Tensor, pos_emb: Tensor, neg_emb: Tensor, weights: Sequence[Tensor],
@@ -122,7 +122,7 @@ def hinge_score_grad(user_emb: Tensor, pos_emb: Tensor, neg_emb: Tensor, weights
                      ) -> Tuple[Tensor, Tensor, Tensor, List[Tensor], List[Tensor]]:
     """:func:`hinge_score` and the gradient of its loss w.r.t. the MLP, in one fused pass.
 
-    For a first-order inner loop (SPEC §5), which uses the gradient as a value: cheaper than
+    For a first-order inner loop (docs/spec.md §5), which uses the gradient as a value: cheaper than
     ``hinge_score`` followed by ``torch.autograd.grad`` (one pass instead of two, no autograd
     bookkeeping). The outputs are not differentiable.
 
@@ -138,7 +138,7 @@ def hinge_score_grad(user_emb: Tensor, pos_emb: Tensor, neg_emb: Tensor, weights
         loss, pos_score, neg_score, d_weights, d_biases = torch.ops.s2meta.hinge_score_grad(
             user_emb, pos_emb, neg_emb, weights, biases, margin)
         return loss, pos_score, neg_score, list(d_weights), list(d_biases)
-    return _reference.hinge_score_grad(user_emb, pos_emb, neg_emb, weights, biases, margin)
+    return reference.hinge_score_grad(user_emb, pos_emb, neg_emb, weights, biases, margin)
 
 
 def score_matrix(user_emb: Tensor, item_emb: Tensor, weights: Sequence[Tensor],
@@ -155,7 +155,7 @@ def score_matrix(user_emb: Tensor, item_emb: Tensor, weights: Sequence[Tensor],
     weights, biases = list(weights), list(biases)
     if _use_kernel(user_emb.device):
         return torch.ops.s2meta.score_matrix(user_emb, item_emb, weights, biases)
-    return _reference.score_matrix(user_emb, item_emb, weights, biases)
+    return reference.score_matrix(user_emb, item_emb, weights, biases)
 
 
-__all__ = ["grad_preprocess", "lstm_update", "lstm_update_multi", "hinge_score", "hinge_score_grad", "score_matrix"]
+__all__ = ["reference", "grad_preprocess", "lstm_update", "lstm_update_multi", "hinge_score", "hinge_score_grad", "score_matrix"]

@@ -1,4 +1,4 @@
-// lstm_update_multi on the CPU: the coordinatewise-LSTM step of SPEC §3 (formula in
+// lstm_update_multi on the CPU: the coordinatewise-LSTM step of docs/spec.md §3 (formula in
 // ops/lstm_update.h) for every coordinate of S scenarios x K segments, and its fused backward,
 // which recomputes the forward's intermediates instead of storing them.
 //

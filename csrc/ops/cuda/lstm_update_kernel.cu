@@ -1,4 +1,4 @@
-// lstm_update_multi on the GPU: the coordinatewise-LSTM step of SPEC §3 (formula in
+// lstm_update_multi on the GPU: the coordinatewise-LSTM step of docs/spec.md §3 (formula in
 // ops/lstm_update.h) and its fused backward, one thread per coordinate.
 //
 // Each block serves one controller: the host assigns every segment its own range of blocks
@@ -20,6 +20,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
+#include <initializer_list>
 #include <tuple>
 
 #include "common.h"
@@ -34,7 +36,10 @@ using lstm::kFeatures;
 constexpr int kMaxK = lstm::kMaxControllersCuda;
 constexpr int kForwardThreads = 128;
 constexpr int kBackwardThreads = 64;
-constexpr int kMaxBackwardBlocksPerSegment = 128;  // bounds the partials buffer
+// Bounds the partials buffer (blocks x P values) and the reduce kernel's serial sum per entry.
+// 128 left most of an H200 idle (ncu: 417 blocks of 2 warps at S = 8, d = 128, 4.5 % achieved
+// occupancy against 12.5 % possible); 1024 fills several waves at the paper's sizes.
+constexpr int kMaxBackwardBlocksPerSegment = 1024;
 constexpr int kMaxForwardBlocksPerSegment = 4096;
 
 struct Segments {
@@ -53,6 +58,7 @@ struct Args {
   int64_t S, N, P;
   int H;
   bool layer_norm;
+  bool vec_rows;  // rows of h, c and their gradients move as 16-byte vectors (see load_row)
   T p, threshold, exp_p, clip, eps;
 };
 
@@ -66,6 +72,66 @@ __device__ __forceinline__ T sigmoid(T z) {
 template <typename T>
 __device__ __forceinline__ T tanh_(T x) {
   return ::tanh(x);
+}
+
+// A coordinate's H-wide row of h, c or their gradients: one thread reads or writes H values.
+// With a.vec_rows (H == MAXH and every such row 16-byte aligned, checked by the launcher) a row
+// moves as 16-byte vectors: a quarter (fp32) or half (fp64) of the memory instructions, and full
+// sectors where scalar accesses used 4 of every 32 bytes per instruction. The flag is uniform
+// across the grid, so the branch costs nothing. (Making H a compile-time constant instead let the
+// compiler hoist all 4H(5 + H) shared-memory weight loads: 5 KB of spills per thread.)
+template <typename T>
+struct Vec16;
+template <>
+struct Vec16<float> {
+  using type = float4;
+  static constexpr int n = 4;
+};
+template <>
+struct Vec16<double> {
+  using type = double2;
+  static constexpr int n = 2;
+};
+
+template <typename T, int MAXH>
+__device__ __forceinline__ void load_row(const T* row, int H, bool vec, T (&v)[MAXH]) {
+  static_assert(MAXH % Vec16<T>::n == 0, "rows move in whole 16-byte vectors");
+  if (vec) {
+    using V = typename Vec16<T>::type;
+    constexpr int n = Vec16<T>::n;
+    const V* p = reinterpret_cast<const V*>(row);
+#pragma unroll
+    for (int i = 0; i < MAXH / n; ++i) {
+      const V w = p[i];
+      const T* e = reinterpret_cast<const T*>(&w);
+#pragma unroll
+      for (int j = 0; j < n; ++j) v[i * n + j] = e[j];
+    }
+  } else {
+#pragma unroll
+    for (int q = 0; q < MAXH; ++q) v[q] = q < H ? row[q] : T(0);
+  }
+}
+
+template <typename T, int MAXH>
+__device__ __forceinline__ void store_row(T* row, int H, bool vec, const T (&v)[MAXH]) {
+  if (vec) {
+    using V = typename Vec16<T>::type;
+    constexpr int n = Vec16<T>::n;
+    V* p = reinterpret_cast<V*>(row);
+#pragma unroll
+    for (int i = 0; i < MAXH / n; ++i) {
+      V w;
+      T* e = reinterpret_cast<T*>(&w);
+#pragma unroll
+      for (int j = 0; j < n; ++j) e[j] = v[i * n + j];
+      p[i] = w;
+    }
+  } else {
+#pragma unroll
+    for (int q = 0; q < MAXH; ++q)
+      if (q < H) row[q] = v[q];
+  }
 }
 
 __device__ __forceinline__ int controller_of_block(const Segments& seg, int block) {
@@ -138,10 +204,9 @@ __device__ __forceinline__ void coord_forward(const Args<T>& a, const T* sw, int
   preprocess_scalar(th, a.p, a.threshold, a.exp_p, &x[2], &x[3]);
   T unused;
   preprocess_scalar(a.loss[s], a.p, a.threshold, a.exp_p, &x[4], &unused);
-  const T* h_row = a.h + idx * H;
+  load_row<T, MAXH>(a.h + idx * H, H, a.vec_rows, h_prev);
+  // c stays scalar: a [MAXH] array for it would cost 47 more registers in the forward
   const T* c_row = a.c + idx * H;
-#pragma unroll
-  for (int q = 0; q < MAXH; ++q) h_prev[q] = q < H ? h_row[q] : T(0);
 #pragma unroll
   for (int q = 0; q < MAXH; ++q) {
     if (q < H) {
@@ -201,8 +266,8 @@ __global__ void lstm_forward_kernel(Args<T> a, Segments seg) {
     T x[kFeatures], h_prev[MAXH], xhat[MAXH], rstd, alpha, beta, g, th;
     coord_forward<T, MAXH>(a, sw, s, idx, x, h_prev, xhat, rstd, alpha, beta, g, th, a.c_new);
 #pragma unroll
-    for (int q = 0; q < MAXH; ++q)
-      if (q < H) a.h_new[idx * H + q] = xhat[q] * rest[q] + rest[H + q];
+    for (int q = 0; q < MAXH; ++q) xhat[q] = q < H ? xhat[q] * rest[q] + rest[H + q] : T(0);
+    store_row<T, MAXH>(a.h_new + idx * H, H, a.vec_rows, xhat);
     a.alpha[idx] = alpha;
     a.beta[idx] = beta;
     a.theta_new[idx] = beta * th - alpha * g;
@@ -212,12 +277,15 @@ __global__ void lstm_forward_kernel(Args<T> a, Segments seg) {
 // Per-coordinate factors of the weight gradients, stashed for the block-wide sums:
 // dz [4H] | x_aug [5+H+1] (features, h, 1) | dy [H] | xhat [H] | hn [H] | dza | dzb.
 __host__ __device__ inline int stash_elems(int H) { return 4 * H + (kFeatures + H + 1) + 3 * H + 2; }
+// Each thread's stash row starts this many elements after the previous one: odd, so the 32 rows a
+// warp writes at once fall in 32 different banks (136 at H = 16 put them in 8).
+__host__ __device__ inline int stash_stride(int H) { return stash_elems(H) | 1; }
 
 template <typename T, int MAXH>
 __global__ void lstm_backward_kernel(Args<T> a, Segments seg) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* sw = reinterpret_cast<T*>(smem_raw);
-  const int H = a.H, G = 4 * H, F1 = kFeatures + H + 1, V = stash_elems(H);
+  const int H = a.H, G = 4 * H, F1 = kFeatures + H + 1, V = stash_stride(H);
   T* stash = sw + controller_smem_elems<T>(H);
   const int k = controller_of_block(seg, blockIdx.x);
   load_controller(a, k, sw);
@@ -246,12 +314,13 @@ __global__ void lstm_backward_kernel(Args<T> a, Segments seg) {
       a.d_theta[idx] = dtn * beta;
       const T dza = (a.d_alpha[idx] - dtn * g) * alpha * (T(1) - alpha);
       const T dzb = (a.d_beta[idx] + dtn * th) * beta * (T(1) - beta);
-      T du[MAXH];
+      T du[MAXH];  // holds dh' until it is overwritten by the LayerNorm input gradient
+      load_row<T, MAXH>(a.d_h_new + idx * H, H, a.vec_rows, du);
       T m1 = T(0), m2 = T(0);
 #pragma unroll
       for (int q = 0; q < MAXH; ++q) {
         if (q < H) {
-          const T dy = a.d_h_new[idx * H + q] + dza * wg[q] + dzb * wg[H + q];
+          const T dy = du[q] + dza * wg[q] + dzb * wg[H + q];
           mine[G + F1 + q] = dy;
           mine[G + F1 + H + q] = xhat[q];
           mine[G + F1 + 2 * H + q] = xhat[q] * lw[q] + lb[q];
@@ -274,6 +343,8 @@ __global__ void lstm_backward_kernel(Args<T> a, Segments seg) {
 #pragma unroll
       for (int q = 0; q < MAXH; ++q) dh[q] = T(0);
       const T* c_row = a.c + idx * H;
+      T dc[MAXH];  // dc' in, dc out
+      load_row<T, MAXH>(a.d_c_new + idx * H, H, a.vec_rows, dc);
 #pragma unroll
       for (int q = 0; q < MAXH; ++q) {
         if (q < H) {
@@ -281,8 +352,8 @@ __global__ void lstm_backward_kernel(Args<T> a, Segments seg) {
           unit_gates<T, MAXH>(sw, H, q, x, h_prev, gi, gf, gg, go);
           const T c_prev = c_row[q];
           const T tc = tanh_(gf * c_prev + gi * gg);
-          const T dc_tot = a.d_c_new[idx * H + q] + du[q] * go * (T(1) - tc * tc);
-          a.d_c[idx * H + q] = dc_tot * gf;
+          const T dc_tot = dc[q] + du[q] * go * (T(1) - tc * tc);
+          dc[q] = dc_tot * gf;
           const T dz[4] = {dc_tot * gg * gi * (T(1) - gi), dc_tot * c_prev * gf * (T(1) - gf),
                            dc_tot * gi * (T(1) - gg * gg), du[q] * tc * go * (T(1) - go)};
 #pragma unroll
@@ -295,9 +366,8 @@ __global__ void lstm_backward_kernel(Args<T> a, Segments seg) {
           }
         }
       }
-#pragma unroll
-      for (int q = 0; q < MAXH; ++q)
-        if (q < H) a.d_h[idx * H + q] = dh[q];
+      store_row<T, MAXH>(a.d_c + idx * H, H, a.vec_rows, dc);
+      store_row<T, MAXH>(a.d_h + idx * H, H, a.vec_rows, dh);
 #pragma unroll
       for (int j = 0; j < kFeatures; ++j) mine[G + j] = x[j];
 #pragma unroll
@@ -422,6 +492,15 @@ void allow_shared(Kernel kernel, size_t bytes) {
 // build short (the paper uses H = 16).
 constexpr int kMaxHiddenCuda = 16;
 
+// Rows move as 16-byte vectors when H is the kernels' maximum and every row is 16-byte aligned
+// (rows are 16 H bytes apart, so aligned bases suffice; a tensor sliced at an odd offset does not).
+bool vector_rows(int H, std::initializer_list<const void*> rows) {
+  if (H != kMaxHiddenCuda) return false;
+  for (const void* p : rows)
+    if (reinterpret_cast<uintptr_t>(p) % 16 != 0) return false;
+  return true;
+}
+
 void check_hidden(const Dims& d) {
   TORCH_CHECK(d.H <= kMaxHiddenCuda, "lstm_update_multi: the CUDA kernels support hidden sizes up to ",
               kMaxHiddenCuda, ", got H = ", d.H, " (h.size(2))");
@@ -456,6 +535,7 @@ OutputTuple lstm_update_multi_cuda(const at::Tensor& theta_in, const at::Tensor&
     a.alpha = out.alpha.mutable_data_ptr<scalar_t>();
     a.beta = out.beta.mutable_data_ptr<scalar_t>();
     const size_t smem = sizeof(scalar_t) * controller_smem_elems<scalar_t>(a.H);
+    a.vec_rows = vector_rows(a.H, {a.h, a.h_new});
     lstm_forward_kernel<scalar_t, kMaxHiddenCuda><<<blocks, kForwardThreads, smem, stream>>>(a, seg);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
@@ -510,7 +590,8 @@ lstm::GradientTuple lstm_update_multi_backward_cuda(
     a.g_w_gate = g.d_w_gate.mutable_data_ptr<scalar_t>();
     a.g_b_gate = g.d_b_gate.mutable_data_ptr<scalar_t>();
     const size_t smem =
-        sizeof(scalar_t) * (controller_smem_elems<scalar_t>(a.H) + size_t(kBackwardThreads) * stash_elems(a.H));
+        sizeof(scalar_t) * (controller_smem_elems<scalar_t>(a.H) + size_t(kBackwardThreads) * stash_stride(a.H));
+    a.vec_rows = vector_rows(a.H, {a.h, a.d_h_new, a.d_c_new, a.d_h, a.d_c});
     allow_shared(lstm_backward_kernel<scalar_t, kMaxHiddenCuda>, smem);
     lstm_backward_kernel<scalar_t, kMaxHiddenCuda><<<blocks, kBackwardThreads, smem, stream>>>(a, seg);
     C10_CUDA_KERNEL_LAUNCH_CHECK();

@@ -67,7 +67,11 @@ def _backward(ctx, d_loss, d_pos_score, d_neg_score):
         d_loss, d_pos_score, d_neg_score, user_emb, pos_emb, neg_emb, weights, biases, ctx.margin, emb_grad)
     if not emb_grad:
         d_user = d_pos = d_neg = None
-    return d_user, d_pos, d_neg, list(d_weights), list(d_biases), None
+    grads = (d_user, d_pos, d_neg, list(d_weights), list(d_biases), None)
+    # The dispatcher drops trailing arguments equal to their defaults (margin=1.0) before autograd
+    # sees them, and for ops with Tensor[] arguments torch < 2.14 wants exactly one gradient per
+    # argument it saw, so the margin's None goes when the margin did.
+    return grads[:len(ctx.needs_input_grad)]
 
 
 torch.library.register_autograd("s2meta::hinge_score", _backward, setup_context=_setup_context)

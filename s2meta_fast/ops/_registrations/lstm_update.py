@@ -87,7 +87,7 @@ torch.library.register_autograd("s2meta::lstm_update_multi", _backward, setup_co
 
 def _no_double_backward(ctx, *grads):
     raise RuntimeError("s2meta::lstm_update_multi_backward is not differentiable: the meta-gradient is first "
-                       "order (SPEC §3), so double backward through the update controller is not supported")
+                       "order (docs/spec.md §3), so double backward through the update controller is not supported")
 
 
 def _setup_nothing(ctx, inputs, output):

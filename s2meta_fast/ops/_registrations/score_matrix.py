@@ -1,13 +1,13 @@
 """score_matrix: fake shape function and autograd.
 
-The backward differentiates the pure-PyTorch twin: ranking (SPEC §6) needs no gradients, so the
+The backward differentiates the pure-PyTorch twin: ranking (docs/spec.md §6) needs no gradients, so the
 only callers of this backward are tests and occasional analysis, where clarity beats a kernel.
 """
 from __future__ import annotations
 
 import torch
 
-from .. import _reference
+from .. import reference
 from ._mlp_checks import check_embedding, check_mlp
 
 
@@ -37,7 +37,7 @@ def _backward(ctx, grad):
         leaves = [t.detach().requires_grad_(flag) for t, flag in zip(saved, flags)]
         user_emb, item_emb = leaves[:2]
         weights, biases = leaves[2:2 + layers], leaves[2 + layers:]
-        scores = _reference.score_matrix(user_emb, item_emb, weights, biases)
+        scores = reference.score_matrix(user_emb, item_emb, weights, biases)
         wanted = [t for t in leaves if t.requires_grad]
         found = iter(torch.autograd.grad(scores, wanted, grad, allow_unused=True)) if wanted else iter(())
     grads = [next(found) if t.requires_grad else None for t in leaves]

@@ -5,7 +5,7 @@ kernel's advantage is largest on one thread. Minimum of 7 calls after 2 warm-ups
 under the trainer's heap setting (meta/host.py): without it, each call's fresh outputs (44 MB at
 d = 128, S = 8) are a new mapping faulted in page by page, which more than doubled that row.
 
-Usage: python benchmarks/controller_threads.py
+Usage: python benchmarks/studies/controller_threads.py
 """
 from __future__ import annotations
 

@@ -12,7 +12,7 @@ costs about 11,000 * N * T FLOP; `--peak-gflops` is the machine's rate (default:
 60,000 on CUDA, an H100's fp32 FMA peak). Transcendentals (≈ 5H exp/log per coordinate) are not in
 the floor, so the measured/floor ratio also shows how far the activations keep us from it.
 
-Usage: python benchmarks/cost_model.py [--device cpu|cuda] [--threads N] [--steps N]
+Usage: python benchmarks/studies/cost_model.py [--device cpu|cuda] [--threads N] [--steps N]
 """
 from __future__ import annotations
 
@@ -24,8 +24,8 @@ import warnings
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from throughput import MetaStep, make_batch, make_learner  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from workloads import MetaStep, make_batch, make_learner  # noqa: E402
 
 from s2meta_fast.meta.host import training_host  # noqa: E402
 

@@ -36,7 +36,7 @@ def _lstm_segment(theta: Tensor, grad: Tensor, loss: Tensor, h: Tensor, c: Tenso
                   w_ih: Tensor, w_hh: Tensor, b_ih: Tensor, b_hh: Tensor,
                   ln_weight: Optional[Tensor], ln_bias: Optional[Tensor],
                   w_gate: Tensor, b_gate: Tensor, p: float, clip: float):
-    """SPEC §3 for coordinates sharing one controller.
+    """docs/spec.md §3 for coordinates sharing one controller.
 
     theta, grad: [S, n]; loss: [S]; h, c: [S, n, H]. Returns theta_new, h_new, c_new, alpha, beta.
     """
@@ -71,7 +71,7 @@ def lstm_update(theta: Tensor, grad: Tensor, loss: Tensor, h: Tensor, c: Tensor,
                 w_ih: Tensor, w_hh: Tensor, b_ih: Tensor, b_hh: Tensor,
                 ln_weight: Optional[Tensor], ln_bias: Optional[Tensor],
                 w_gate: Tensor, b_gate: Tensor, p: float = 10.0, clip: float = 1.0):
-    """One update-controller step for a single parameter tensor (SPEC §3).
+    """One update-controller step for a single parameter tensor (docs/spec.md §3).
 
     theta, grad: any shape (N scalars); loss: 0-dim; h, c: [N, H]. Returns
     ``(theta_new, h_new, c_new, alpha, beta)`` with alpha/beta shaped like theta.

@@ -20,8 +20,8 @@ scenario-specific adaptation from 64 pairs, whatever the method.
 
 Usage (one intra-op thread; 10-20 s of CPU per run folder on ml100k; results: docs/results.md):
 
-    OMP_NUM_THREADS=1 python benchmarks/headroom.py runs/demo [/tmp/seed1 ...] [--json out.json]
-    OMP_NUM_THREADS=1 python benchmarks/headroom.py OUT --heldout-user-frac 0   # a shared-user run
+    OMP_NUM_THREADS=1 python benchmarks/studies/headroom.py runs/demo [/tmp/seed1 ...] [--json out.json]
+    OMP_NUM_THREADS=1 python benchmarks/studies/headroom.py OUT --heldout-user-frac 0   # a shared-user run
 """
 from __future__ import annotations
 
@@ -36,10 +36,10 @@ from typing import Any, Dict, List, Sequence
 import numpy as np
 import torch
 
+from s2meta_fast.app import eval_tasks, load_learner, prepare_data
 from s2meta_fast.config import build_config, load_yaml
 from s2meta_fast.data.tasks import support_batch
 from s2meta_fast.eval.baselines import Finetune, GlobalModel, S2Meta
-from s2meta_fast.eval.pipeline import eval_tasks, load_learner, prepare_data
 from s2meta_fast.eval.protocol import block_generator, evaluate, plan_blocks
 from s2meta_fast.meta.checkpoint import load
 from s2meta_fast.models import build_model

@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from s2meta_fast.errors import RunFolderError
-from s2meta_fast.runfolder import COMMIT_MARKER, LOCK, STAGING, RunFolder, RunLock
+from s2meta_fast.app.transaction import COMMIT_MARKER, LOCK, STAGING, RunLock, RunTransaction
 
 
 def _write(path, text):
@@ -42,7 +42,7 @@ def previous_run(tmp_path):
 def test_a_failed_run_leaves_the_previous_one(previous_run):
     before = _tree(previous_run)
     with pytest.raises(RuntimeError, match="boom"):
-        with RunFolder(previous_run) as folder:
+        with RunTransaction(previous_run) as folder:
             _write(os.path.join(folder.staging, "config.yaml"), "new config")
             raise RuntimeError("boom")
     after = _tree(previous_run)
@@ -52,7 +52,7 @@ def test_a_failed_run_leaves_the_previous_one(previous_run):
 
 
 def test_a_commit_replaces_exactly_the_previous_runs_files(previous_run):
-    with RunFolder(previous_run) as folder:
+    with RunTransaction(previous_run) as folder:
         assert os.listdir(folder.staging) == []
         _write(os.path.join(folder.staging, "config.yaml"), "new config")
         _write(os.path.join(folder.staging, "checkpoint.pt"), "new ckpt")
@@ -66,43 +66,43 @@ def test_a_commit_replaces_exactly_the_previous_runs_files(previous_run):
 def test_resume_starts_from_the_committed_run_without_touching_it(previous_run):
     before = _tree(previous_run)
     with pytest.raises(KeyboardInterrupt):
-        with RunFolder(previous_run, resume=True) as folder:
+        with RunTransaction(previous_run, resume=True) as folder:
             staged = _tree(folder.staging)
             assert staged["config.yaml"] == "old config" and staged["checkpoint.pt"] == "old ckpt"
             _write(os.path.join(folder.staging, "results.json"), "new results")   # replaced, never edited
             raise KeyboardInterrupt
     assert {k: v for k, v in _tree(previous_run).items() if not k.startswith(STAGING)} == before
     # the interrupted run is what the next --resume continues
-    with RunFolder(previous_run, resume=True) as folder:
+    with RunTransaction(previous_run, resume=True) as folder:
         assert _tree(folder.staging)["results.json"] == "new results"
         folder.commit()
     assert _tree(previous_run)["results.json"] == "new results"
     # a fresh run discards an interrupted one
     with pytest.raises(KeyboardInterrupt):
-        with RunFolder(previous_run, resume=True) as folder:
+        with RunTransaction(previous_run, resume=True) as folder:
             _write(os.path.join(folder.staging, "results.json"), "interrupted")
             raise KeyboardInterrupt
-    with RunFolder(previous_run) as folder:
+    with RunTransaction(previous_run) as folder:
         assert os.listdir(folder.staging) == []
 
 
 def test_a_folder_that_the_run_created_and_left_empty_is_removed(tmp_path):
     out = tmp_path / "new"
     with pytest.raises(RuntimeError):
-        with RunFolder(str(out)):
+        with RunTransaction(str(out)):
             raise RuntimeError
     assert not out.exists()
 
 
 def test_a_cut_short_commit_is_finished_by_the_next_run(previous_run):
-    folder = RunFolder(previous_run).open()
+    folder = RunTransaction(previous_run).open()
     _write(os.path.join(folder.staging, "config.yaml"), "new config")
     _write(os.path.join(folder.staging, "results.json"), "new results")
     names = ["config.yaml", "results.json"]
     _write(os.path.join(folder.staging, COMMIT_MARKER), json.dumps(names))
     os.replace(os.path.join(folder.staging, "config.yaml"), os.path.join(previous_run, "config.yaml"))
     folder.lock.release()   # the process "dies" here: one entry moved, stale files still there
-    with RunFolder(previous_run, resume=True):
+    with RunTransaction(previous_run, resume=True):
         pass
     assert _tree(previous_run) == {"config.yaml": "new config", "results.json": "new results",
                                    "notes.txt": "the user's own file"}
@@ -112,7 +112,7 @@ def test_out_naming_a_file_is_refused(tmp_path):
     path = tmp_path / "file"
     path.write_text("x")
     with pytest.raises(RunFolderError, match="is a file, not a folder"):
-        RunFolder(str(path)).open()
+        RunTransaction(str(path)).open()
     assert path.read_text() == "x"
 
 
@@ -120,10 +120,10 @@ def test_a_second_run_is_refused_naming_the_holder(tmp_path):
     out = str(tmp_path / "run")
     with RunLock(out):
         with pytest.raises(RunFolderError) as exc:
-            RunFolder(out).open()
+            RunTransaction(out).open()
         assert f"pid {os.getpid()} on host {socket.gethostname()}" in str(exc.value)
         assert "another run is using this folder" in str(exc.value)
-    with RunFolder(out):   # free again once released
+    with RunTransaction(out):   # free again once released
         pass
 
 
@@ -161,11 +161,11 @@ def test_a_stale_lock_is_taken_over_with_a_message(tmp_path, caplog):
 
 def test_evaluate_does_not_discard_an_interrupted_run(previous_run):
     with pytest.raises(KeyboardInterrupt):
-        with RunFolder(previous_run) as folder:
+        with RunTransaction(previous_run) as folder:
             _write(os.path.join(folder.staging, "config.yaml"), "interrupted")
             raise KeyboardInterrupt
     with pytest.raises(RunFolderError, match="an interrupted run waits in .*continue it with --resume"):
-        RunFolder(previous_run, carry=True).open()
+        RunTransaction(previous_run, carry=True).open()
     assert open(os.path.join(previous_run, STAGING, "config.yaml")).read() == "interrupted"
     assert not os.path.exists(os.path.join(previous_run, LOCK))
 

@@ -1,8 +1,10 @@
 """A run folder (--out) as a transaction: a lock, a staging area, and a commit that swaps results in.
 
-    with RunFolder(out, resume=False) as folder:     # takes OUT/.lock, prepares OUT/.staging
+    with RunTransaction(out, resume=False) as folder:   # takes OUT/.lock, prepares OUT/.staging
         ...write the run's files into folder.staging...
-        folder.commit()                               # the staged run replaces the previous one
+        folder.commit()                                  # the staged run replaces the previous one
+
+The mechanics only; :func:`s2meta_fast.app.run_folder.staged` runs a command's stages inside one.
 
 - **Lock.** ``OUT/.lock`` holds the pid and host of the run that owns the folder and is held
   with ``flock`` for the run's lifetime, so a second run into the same folder is refused with a
@@ -29,7 +31,7 @@ import socket
 import tempfile
 from typing import List, Optional
 
-from .errors import RunFolderError
+from ..errors import RunFolderError
 
 log = logging.getLogger("s2meta_fast")
 
@@ -195,7 +197,7 @@ def _copy(src: str, dst: str) -> None:
         shutil.copy2(src, dst)
 
 
-class RunFolder:
+class RunTransaction:
     """The run folder `out`, locked and staged (see the module docstring).
 
     Args:
@@ -216,7 +218,7 @@ class RunFolder:
         self._opened_as: dict = {}
 
     # -- lifecycle -----------------------------------------------------------------------------
-    def open(self) -> "RunFolder":
+    def open(self) -> "RunTransaction":
         check_out(self.out)
         self.created = not os.path.exists(self.out)
         self.lock.acquire()
@@ -246,7 +248,7 @@ class RunFolder:
         if self.created and os.path.isdir(self.out) and not os.listdir(self.out):
             os.rmdir(self.out)
 
-    def __enter__(self) -> "RunFolder":
+    def __enter__(self) -> "RunTransaction":
         return self.open()
 
     def __exit__(self, *exc) -> None:

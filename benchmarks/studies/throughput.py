@@ -1,6 +1,6 @@
 """Meta-training throughput: scenarios/s and peak memory per scenario, pure vs fused.
 
-Configurations (issue 4):
+Configurations:
   pure        reference ops + UpdateController, B = 1, eager (like the authors' code)
   fused B=k   fused ops + FastUpdateController, B scenarios per meta-step, CUDA graphs on GPU
 Workload: the MovieLens-sized recommender (interaction, d = 64, 10,881 adapted scalars), 64 support
@@ -12,8 +12,8 @@ Each configuration runs in its own subprocess so that its peak memory is its own
 (CPU: peak RSS above the RSS before the first step; CUDA: max_memory_allocated above the same point).
 
 Usage:
-  python benchmarks/throughput.py                      # CPU, and CUDA when available
-  python benchmarks/throughput.py --device cuda --batches 1,8,64 --steps 20
+  python benchmarks/studies/throughput.py                      # CPU, and CUDA when available
+  python benchmarks/studies/throughput.py --device cuda --batches 1,8,64 --steps 20
 """
 from __future__ import annotations
 
@@ -25,76 +25,12 @@ import subprocess
 import sys
 import time
 import warnings
-from dataclasses import dataclass, fields
-from typing import Optional
+from pathlib import Path
 
 import torch
 
-N_USERS, N_ITEMS, DIM, POOL, SUPPORT, QUERY = 6000, 4000, 64, 300, 64, 128
-
-
-@dataclass
-class Batch:
-    """The TaskBatch fields the meta learner reads (design.md)."""
-
-    support_users: torch.Tensor
-    support_items: torch.Tensor
-    support_item_index: torch.Tensor
-    pool: torch.Tensor
-    pool_size: torch.Tensor
-    query_users: Optional[torch.Tensor]
-    query_pos: Optional[torch.Tensor]
-    query_neg: Optional[torch.Tensor]
-
-    def to(self, device) -> "Batch":
-        return Batch(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
-
-
-def make_batch(n_scenarios: int, seed: int) -> Batch:
-    gen = torch.Generator().manual_seed(seed)
-    pool = torch.stack([torch.randperm(N_ITEMS, generator=gen)[:POOL] for _ in range(n_scenarios)])
-    index = torch.randint(POOL, (n_scenarios, SUPPORT), generator=gen)
-    q_index = torch.randint(POOL, (n_scenarios, 2, QUERY), generator=gen)
-    return Batch(support_users=torch.randint(N_USERS, (n_scenarios, SUPPORT), generator=gen),
-                 support_items=pool.gather(1, index), support_item_index=index, pool=pool,
-                 pool_size=torch.full((n_scenarios,), POOL),
-                 query_users=torch.randint(N_USERS, (n_scenarios, QUERY), generator=gen),
-                 query_pos=pool.gather(1, q_index[:, 0]), query_neg=pool.gather(1, q_index[:, 1]))
-
-
-def make_learner(fused: bool, device: str, t_max: int = 20, dim: int = DIM):
-    from s2meta_fast.meta import MetaConfig, MetaLearner
-    from s2meta_fast.models import build_model
-
-    torch.manual_seed(0)
-    user_emb, item_emb = torch.randn(N_USERS, dim) * 0.3, torch.randn(N_ITEMS, dim) * 0.3
-    cfg = MetaConfig(fused=fused, t_max=t_max)
-    learner = MetaLearner(build_model("interaction", dim, fused=fused), user_emb, item_emb, cfg).to(device)
-    with torch.no_grad():  # p ≈ 0: every scenario takes all t_max updates (the issue's "20 inner updates")
-        learner.stop_controller.head.weight.zero_()
-        learner.stop_controller.head.bias.fill_(-30.0)
-    return learner
-
-
-class MetaStep:
-    """One meta-training step, as the trainer takes it."""
-
-    def __init__(self, learner, graphs: bool):
-        from s2meta_fast.meta.graphs import GraphedInnerLoop
-        from s2meta_fast.meta.trainer import TrainConfig, build_optimizer
-
-        self.learner = learner
-        self.runner = GraphedInnerLoop(learner, "meta_step", enabled=graphs)
-        self.optimizer = build_optimizer(learner, TrainConfig())
-        self.params = [p for p in learner.parameters() if p.requires_grad]
-        self.generator = torch.Generator(device=learner.user_emb.device).manual_seed(0)
-
-    def __call__(self, batch):
-        noise = self.learner.draw_noise(batch, self.generator)
-        terms = self.runner(batch, noise)
-        torch.nn.utils.clip_grad_value_(self.params, 0.25)
-        self.optimizer.step()
-        return terms
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from workloads import MetaStep, make_batch, make_learner  # noqa: E402
 
 
 def _rss_bytes() -> int:

@@ -1,0 +1,241 @@
+"""The stages a command chains: prepare data, meta-train, build the baselines, evaluate.
+
+Each stage takes the resolved :class:`~s2meta_fast.config.Config` and reads or writes the run
+folder through :mod:`s2meta_fast.app.run_folder`, so a finished stage is skipped on ``--resume``.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Any, Callable, Dict, List, Mapping, Optional
+
+import torch
+
+from .. import _extension
+from ..config import Config
+from .. import data
+from ..data import EvalTask, PreparedData, TaskSampler
+from ..errors import CheckpointError, ConfigError, DataError, RunFolderError
+from ..eval.baselines import (METHODS, Finetune, FinetuneGrid, GlobalModel, GlobalTrainConfig, ItemPop, S2Meta,
+                              global_item_counts, select_finetune, train_global)
+from ..eval.protocol import Method, evaluate
+from ..eval.results import build_results, write_results
+from ..meta import MetaLearner, MetaTrainer
+from ..meta import checkpoint as checkpoints
+from ..meta.trainer import checkpoint_differences
+from ..models import FlatRecommender, build_model
+from . import run_folder
+
+log = logging.getLogger("s2meta_fast")
+
+
+def check_device(device: str) -> None:
+    """Refuses a CUDA device where there is none, before any work starts."""
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"--device {device}: no CUDA device is available here "
+                          f"(torch {torch.__version__}, CUDA build: {torch.version.cuda or 'no'}); use --device cpu")
+
+
+# --------------------------------------------------------------------------------------------
+# data
+
+
+def prepare_data(cfg: Config) -> PreparedData:
+    """The prepared dataset for cfg.data (the data layer caches embeddings and scenarios)."""
+    d = cfg.data
+    kwargs: Dict[str, Any] = dict(seed=cfg.run.seed, embed_dim=d.embed_dim, progress=not cfg.run.quiet)
+    for name in ("min_items", "max_items", "cache_dir", "mf_epochs", "heldout_user_frac"):
+        if getattr(d, name) is not None:
+            kwargs[name] = getattr(d, name)
+    prepared = data.prepare(d.dataset, d.data_dir, **kwargs)
+    log.info("%s: %d meta-train, %d meta-validation, %d meta-test scenarios", prepared.name, len(prepared.train),
+             len(prepared.valid), len(prepared.test))
+    return prepared
+
+
+def eval_tasks(prepared: PreparedData, split: str, seed: int) -> List[EvalTask]:
+    """The evaluation tasks of a split, fixed by the seed (a fresh sampler per split)."""
+    return TaskSampler(prepared, seed).eval_tasks(prepared.scenarios(split))
+
+
+# --------------------------------------------------------------------------------------------
+# s²Meta
+
+
+def build_learner(cfg: Config, prepared: PreparedData) -> MetaLearner:
+    model = build_model(cfg.train.model, prepared.embed_dim, fused=cfg.meta.fused)
+    # The controllers initialise from torch's global RNG: seeding it makes the run reproducible.
+    torch.manual_seed(cfg.run.seed)
+    learner = MetaLearner(model, prepared.user_emb, prepared.item_emb, cfg.meta)
+    return learner.to(torch.device(cfg.run.device))
+
+
+def validation_fn(cfg: Config, valid_tasks: List[EvalTask]) -> Callable[[MetaLearner], float]:
+    """Recall@20 (or the nearest K) of the learner on the meta-validation scenarios.
+
+    The learner is validated with the stop rule it will be evaluated with.
+    """
+    k = 20 if 20 in cfg.eval.ks else cfg.eval.ks[0]
+
+    def validate(learner: MetaLearner) -> float:
+        method = S2Meta(learner, stop=cfg.stop_at_evaluation)
+        res = evaluate(method, valid_tasks, (k,), seed=cfg.run.seed, device=cfg.run.device,
+                       block_size=cfg.eval.block_size, max_pairs=cfg.eval.max_pairs, progress=False)
+        return res["metrics"][f"recall@{k}"]
+    return validate
+
+
+def train_meta(cfg: Config, prepared: PreparedData) -> MetaLearner:
+    """Meta-trains (or resumes) in OUT; returns the learner at its best validation score."""
+    if not prepared.train:
+        raise DataError(f"{prepared.name}: no meta-train scenario; lower --min-items or raise --max-items")
+    learner = build_learner(cfg, prepared)
+    valid = eval_tasks(prepared, "valid", cfg.run.seed)
+    trainer = MetaTrainer(learner, TaskSampler(prepared, cfg.run.seed), prepared.train, cfg.train, cfg.run.out,
+                          validate=validation_fn(cfg, valid) if valid else None,
+                          keep_freed_memory=cfg.run.keep_freed_memory)
+    start = time.perf_counter()
+    summary = trainer.fit(resume=cfg.run.resume)
+    log.info("meta-training: %d meta-steps, best validation %.4f, %.1f s", summary["step"], summary["best_score"],
+             time.perf_counter() - start)
+    return load_learner(cfg, prepared)
+
+
+def load_learner(cfg: Config, prepared: PreparedData, checkpoint_path: Optional[str] = None) -> MetaLearner:
+    """The learner of a checkpoint: `checkpoint_path`, else the run folder's (best.pt, else checkpoint.pt)."""
+    if checkpoint_path is None:
+        checkpoint_path = run_folder.find_checkpoint(cfg.run.out)
+    elif not os.path.exists(checkpoint_path):
+        raise RunFolderError(f"checkpoint {checkpoint_path!r} does not exist")
+    state = checkpoints.load(checkpoint_path, map_location="cpu")
+    learner = build_learner(cfg, prepared)
+    diffs = checkpoint_differences(state, learner)
+    if diffs or "learner" not in state:
+        raise CheckpointError(f"{checkpoint_path} is not a meta learner for these settings: "
+                              f"{', '.join(diffs) or 'it holds no learner state'}")
+    learner.load_state_dict(state["learner"])
+    log.info("evaluating the meta learner of %s (meta-step %d)", checkpoint_path, state["step"])
+    return learner
+
+
+# --------------------------------------------------------------------------------------------
+# baselines
+
+
+def _global_key(cfg: Config) -> Dict[str, Any]:
+    e = cfg.eval
+    return {"model": cfg.train.model, "fused": cfg.meta.fused, "seed": cfg.run.seed, "steps": e.global_steps,
+            "batch": e.global_batch, "lr": e.global_lr, "source": e.global_source}
+
+
+def global_theta(cfg: Config, prepared: PreparedData, model: FlatRecommender, device: torch.device) -> torch.Tensor:
+    """The Global baseline's θ, trained once per run folder and settings (OUT/global.pt)."""
+    path = os.path.join(cfg.run.out, run_folder.GLOBAL_FILE)
+    key = _global_key(cfg)
+    if os.path.exists(path):
+        try:
+            stored = checkpoints.load(path, map_location=device)
+        except CheckpointError as error:
+            log.warning("%s; retraining the Global baseline", error)
+            stored = {}
+        if stored.get("key") == key and "theta" in stored:
+            return stored["theta"]
+    e = cfg.eval
+    gcfg = GlobalTrainConfig(steps=e.global_steps, batch_size=e.global_batch, lr=e.global_lr, use_source=e.global_source)
+    start = time.perf_counter()
+    theta = train_global(model, prepared.user_emb.to(device), prepared.item_emb.to(device), prepared, gcfg,
+                         seed=cfg.run.seed, progress=not cfg.run.quiet)
+    log.info("global: trained %d steps in %.1f s", gcfg.steps, time.perf_counter() - start)
+    checkpoints.save_atomic({"theta": theta.cpu(), "key": key}, path)
+    return theta
+
+
+def finetune_choice(cfg: Config, prepared: PreparedData, model: FlatRecommender,
+                    theta: torch.Tensor) -> Dict[str, Any]:
+    """(lr, steps) for Finetune from the meta-validation grid search (OUT/finetune.json)."""
+    path = os.path.join(cfg.run.out, run_folder.FINETUNE_FILE)
+    key = {"global": _global_key(cfg), "lrs": list(cfg.eval.finetune_lrs), "steps": list(cfg.eval.finetune_steps),
+           "block_size": cfg.eval.block_size}
+    cached = run_folder.read_json(path)
+    if cached is not None and cached.get("key") == key:
+        return cached
+    valid = eval_tasks(prepared, "valid", cfg.run.seed)
+    if not valid:
+        raise DataError(f"{prepared.name}: Finetune needs meta-validation scenarios to choose its lr and steps; "
+                        f"the split has none (evaluate without it: --methods s2meta itempop global)")
+    device = theta.device
+    grid = FinetuneGrid(lrs=cfg.eval.finetune_lrs, steps=cfg.eval.finetune_steps)
+    choice = select_finetune(model, theta, prepared.user_emb.to(device), prepared.item_emb.to(device), valid, grid,
+                             seed=cfg.run.seed, block_size=cfg.eval.block_size)
+    choice["key"] = key
+    log.info("finetune: chose lr=%g, steps=%d (validation %s %.4f)", choice["lr"], choice["steps"], grid.metric,
+             choice["score"])
+    run_folder.write_json(path, choice)
+    return choice
+
+
+def make_method(name: str, cfg: Config, prepared: PreparedData, learner: Optional[MetaLearner] = None) -> Method:
+    """The method `name` (a key of :data:`s2meta_fast.eval.METHODS`), ready to evaluate."""
+    device = torch.device(cfg.run.device)
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; valid: {tuple(METHODS)}")
+    if name == "itempop":
+        return ItemPop(global_item_counts(prepared), device=device)
+    if name == "s2meta":
+        if learner is None:
+            raise ValueError("s2meta needs a trained learner")
+        return S2Meta(learner, stop=cfg.stop_at_evaluation)
+    model = build_model(cfg.train.model, prepared.embed_dim, fused=cfg.meta.fused)
+    theta = global_theta(cfg, prepared, model, device)
+    user_emb, item_emb = prepared.user_emb.to(device), prepared.item_emb.to(device)
+    if name == "global":
+        return GlobalModel(model, theta, user_emb, item_emb)
+    choice = finetune_choice(cfg, prepared, model, theta)
+    return Finetune(model, theta, user_emb, item_emb, choice["lr"], choice["steps"])
+
+
+# --------------------------------------------------------------------------------------------
+# evaluation
+
+
+def evaluate_methods(cfg: Config, prepared: PreparedData, learner: Optional[MetaLearner] = None,
+                     stage_seconds: Optional[Mapping[str, float]] = None) -> Dict[str, Any]:
+    """Evaluates cfg.eval.methods on the meta-test scenarios and writes results.json/.md.
+
+    `stage_seconds` (e.g. prepare, meta-training wall times of this process) go into the
+    results' ``timings`` next to each method's.
+    """
+    tasks = eval_tasks(prepared, "test", cfg.run.seed)
+    if not tasks:
+        raise DataError(f"{prepared.name}: no meta-test scenario; lower --min-items or raise --max-items")
+    methods: Dict[str, Dict[str, float]] = {}
+    timings: Dict[str, Any] = {k: round(v, 3) for k, v in (stage_seconds or {}).items()}
+    n_users = None
+    for name in cfg.eval.methods:
+        path = run_folder.method_path(cfg.run.out, name)
+        cached = run_folder.read_json(path) if cfg.run.resume else None
+        if cached is None:
+            start = time.perf_counter()
+            method = make_method(name, cfg, prepared, learner)
+            res = evaluate(method, tasks, cfg.eval.ks, seed=cfg.run.seed, device=cfg.run.device,
+                           block_size=cfg.eval.block_size, max_pairs=cfg.eval.max_pairs,
+                           progress=not cfg.run.quiet, desc=f"evaluate {name}")
+            res["total_seconds"] = time.perf_counter() - start
+            run_folder.write_json(path, res)
+            cached = res
+        methods[name] = cached["metrics"]
+        timings[name] = {"evaluate_s": round(cached["seconds"], 3),
+                         "setup_and_evaluate_s": round(cached.get("total_seconds", cached["seconds"]), 3)}
+        n_users = cached["n_users"]
+        log.info("%-8s %s", name, "  ".join(f"{k}={v:.4f}" for k, v in cached["metrics"].items()
+                                             if k.startswith("recall")))
+    doc = build_results(prepared.name, cfg.run.seed, len(tasks), n_users, methods,
+                        backend=_extension.backend().name, device=cfg.run.device, timings=timings,
+                        config=cfg.to_dict())
+    write_results(cfg.run.out, doc)
+    return doc
+
+
+__all__ = ["build_learner", "check_device", "eval_tasks", "evaluate_methods", "finetune_choice", "global_theta",
+           "load_learner", "make_method", "prepare_data", "train_meta", "validation_fn"]
