@@ -58,7 +58,7 @@ struct Args {
   int64_t S, N, P;
   int H;
   bool layer_norm;
-  bool vec_rows;  // rows of h, c and their gradients move as 16-byte vectors (see load_row)
+  bool vec_rows;  // H == 16 and aligned rows: rows and weight rows move as 16-byte vectors (load_row, dot_row)
   T p, threshold, exp_p, clip, eps;
 };
 
@@ -164,11 +164,56 @@ __host__ __device__ inline int controller_smem_elems(int H) {
   return 4 * H * kFeatures + 4 * H * H + 4 * H + 4 * H + 2;
 }
 
+// acc + w[0:H] . h, in ascending u either way. With vec (H == MAXH) the shared-memory row, 16-byte
+// aligned at H = 16, is read as 16-byte vectors: a quarter of the load instructions, which bound
+// these loops (every warp reads the same weights, so each load is one broadcast wavefront).
+template <typename T, int MAXH>
+__device__ __forceinline__ T dot_row(const T* w, const T (&h)[MAXH], int H, bool vec, T acc) {
+  if (vec) {
+    using V = typename Vec16<T>::type;
+    constexpr int n = Vec16<T>::n;
+    const V* p = reinterpret_cast<const V*>(w);
+#pragma unroll
+    for (int i = 0; i < MAXH / n; ++i) {
+      const V v = p[i];
+      const T* e = reinterpret_cast<const T*>(&v);
+#pragma unroll
+      for (int j = 0; j < n; ++j) acc += e[j] * h[i * n + j];
+    }
+  } else {
+#pragma unroll
+    for (int u = 0; u < MAXH; ++u)
+      if (u < H) acc += w[u] * h[u];
+  }
+  return acc;
+}
+
+// out[0:H] += s * w[0:H], vectorised as dot_row.
+template <typename T, int MAXH>
+__device__ __forceinline__ void axpy_row(const T* w, T s, int H, bool vec, T (&out)[MAXH]) {
+  if (vec) {
+    using V = typename Vec16<T>::type;
+    constexpr int n = Vec16<T>::n;
+    const V* p = reinterpret_cast<const V*>(w);
+#pragma unroll
+    for (int i = 0; i < MAXH / n; ++i) {
+      const V v = p[i];
+      const T* e = reinterpret_cast<const T*>(&v);
+#pragma unroll
+      for (int j = 0; j < n; ++j) out[i * n + j] += e[j] * s;
+    }
+  } else {
+#pragma unroll
+    for (int u = 0; u < MAXH; ++u)
+      if (u < H) out[u] += w[u] * s;
+  }
+}
+
 // The gate pre-activations of hidden unit q: z_r = bias_r + W_ih[r] x + W_hh[r] h for the four
 // rows r = q, H+q, 2H+q, 3H+q (order i, f, g, o).
 template <typename T, int MAXH>
-__device__ __forceinline__ void unit_gates(const T* sw, int H, int q, const T (&x)[kFeatures], const T (&h)[MAXH],
-                                           T& gi, T& gf, T& gg, T& go) {
+__device__ __forceinline__ void unit_gates(const T* sw, int H, bool vec, int q, const T (&x)[kFeatures],
+                                           const T (&h)[MAXH], T& gi, T& gf, T& gg, T& go) {
   const int G = 4 * H;
   const T* wih = sw;
   const T* whh = sw + G * kFeatures;
@@ -180,10 +225,7 @@ __device__ __forceinline__ void unit_gates(const T* sw, int H, int q, const T (&
     T acc = bias[r];
 #pragma unroll
     for (int j = 0; j < kFeatures; ++j) acc += wih[r * kFeatures + j] * x[j];
-#pragma unroll
-    for (int u = 0; u < MAXH; ++u)
-      if (u < H) acc += whh[r * H + u] * h[u];
-    z[gate] = acc;
+    z[gate] = dot_row<T, MAXH>(whh + r * H, h, H, vec, acc);
   }
   gi = sigmoid(z[0]);
   gf = sigmoid(z[1]);
@@ -211,7 +253,7 @@ __device__ __forceinline__ void coord_forward(const Args<T>& a, const T* sw, int
   for (int q = 0; q < MAXH; ++q) {
     if (q < H) {
       T gi, gf, gg, go;
-      unit_gates<T, MAXH>(sw, H, q, x, h_prev, gi, gf, gg, go);
+      unit_gates<T, MAXH>(sw, H, a.vec_rows, q, x, h_prev, gi, gf, gg, go);
       const T c_new = gf * c_row[q] + gi * gg;
       if (c_out != nullptr) c_out[idx * H + q] = c_new;
       xhat[q] = go * tanh_(c_new);
@@ -349,7 +391,7 @@ __global__ void lstm_backward_kernel(Args<T> a, Segments seg) {
       for (int q = 0; q < MAXH; ++q) {
         if (q < H) {
           T gi, gf, gg, go;
-          unit_gates<T, MAXH>(sw, H, q, x, h_prev, gi, gf, gg, go);
+          unit_gates<T, MAXH>(sw, H, a.vec_rows, q, x, h_prev, gi, gf, gg, go);
           const T c_prev = c_row[q];
           const T tc = tanh_(gf * c_prev + gi * gg);
           const T dc_tot = dc[q] + du[q] * go * (T(1) - tc * tc);
@@ -360,9 +402,7 @@ __global__ void lstm_backward_kernel(Args<T> a, Segments seg) {
           for (int gate = 0; gate < 4; ++gate) {
             const int r = gate * H + q;
             mine[r] = dz[gate];
-#pragma unroll
-            for (int u = 0; u < MAXH; ++u)
-              if (u < H) dh[u] += whh[r * H + u] * dz[gate];
+            axpy_row<T, MAXH>(whh + r * H, dz[gate], H, a.vec_rows, dh);
           }
         }
       }
