@@ -173,8 +173,8 @@ S2META_ALWAYS_INLINE int64_t block_base(const Chunk& ch, int64_t lo, int64_t N, 
 // allocation, and without the promise GCC leaves these loops scalar.
 template <typename T>
 S2META_ALWAYS_INLINE void cell_forward(int64_t n, const T* __restrict__ gi, const T* __restrict__ gf,
-                                const T* __restrict__ gg, const T* __restrict__ c_prev, T* __restrict__ c_new,
-                                T* __restrict__ tanh_c) {
+                                       const T* __restrict__ gg, const T* __restrict__ c_prev, T* __restrict__ c_new,
+                                       T* __restrict__ tanh_c) {
   for (int64_t e = 0; e < n; ++e) {
     const T c = gf[e] * c_prev[e] + gi[e] * gg[e];
     c_new[e] = c;
@@ -189,9 +189,10 @@ S2META_ALWAYS_INLINE void mul_into(int64_t n, const T* __restrict__ a, const T* 
 
 template <typename T>
 S2META_ALWAYS_INLINE void cell_backward(int64_t HB, const T* __restrict__ gi, const T* __restrict__ gf,
-                                 const T* __restrict__ gg, const T* __restrict__ go, const T* __restrict__ tanh_c,
-                                 const T* __restrict__ c_prev, const T* __restrict__ du,
-                                 const T* __restrict__ dc_in, T* __restrict__ dz, T* __restrict__ d_c) {
+                                        const T* __restrict__ gg, const T* __restrict__ go,
+                                        const T* __restrict__ tanh_c, const T* __restrict__ c_prev,
+                                        const T* __restrict__ du, const T* __restrict__ dc_in, T* __restrict__ dz,
+                                        T* __restrict__ d_c) {
   for (int64_t e = 0; e < HB; ++e) {
     const T tc = tanh_c[e];
     const T i = gi[e], f = gf[e], g = gg[e], o = go[e];
@@ -268,8 +269,8 @@ struct BlockAt {
 // of the arrays the blocks read and of those they write (unless the results are streamed past
 // the cache).
 template <typename T, int HC, int VB>
-S2META_ALWAYS_INLINE BlockAt enter_block(const Ctx<T>& ctx, const Chunk& ch, int64_t t, std::initializer_list<const T*> reads,
-                                  std::initializer_list<T*> writes) {
+S2META_ALWAYS_INLINE BlockAt enter_block(const Ctx<T>& ctx, const Chunk& ch, int64_t t,
+                                         std::initializer_list<const T*> reads, std::initializer_list<T*> writes) {
   const int64_t H = HC ? HC : ctx.d.H, N = ctx.d.N;
   const int64_t lo = ctx.offsets[ch.k], hi = ctx.offsets[ch.k + 1];
   if (t + kPrefetchBlocks < ch.t_end) {
@@ -382,7 +383,7 @@ S2META_ALWAYS_INLINE void block_forward(const Ctx<T>& ctx, int64_t k, int64_t s,
 // add exactly nothing to the weight gradients.
 template <typename T, int HC, int VB>
 S2META_ALWAYS_INLINE void block_backward(const Ctx<T>& ctx, int64_t k, int64_t s, int64_t j0, int nb, Scratch<T>& sc,
-                                  T* partial) {
+                                         T* partial) {
   const int64_t H = HC ? HC : ctx.d.H, G = 4 * H, N = ctx.d.N, HB = H * kBlock;
   const int64_t FP = ctx.padded_features;
   const PreparedWeights<T>& w = *ctx.w;

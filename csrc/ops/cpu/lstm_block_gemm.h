@@ -18,7 +18,7 @@ namespace lstm_cpu {
 // time keep 4 * B accumulators in registers and load each X row once per four rows.
 template <typename T, int B>
 S2META_ALWAYS_INLINE void gemm_block(const T* __restrict__ A, const T* __restrict__ bias, const T* __restrict__ X,
-                              int64_t M, int64_t Kd, T* __restrict__ out) {
+                                     int64_t M, int64_t Kd, T* __restrict__ out) {
   int64_t m = 0;
   for (; m + 4 <= M; m += 4) {
     T acc0[B], acc1[B], acc2[B], acc3[B];
@@ -66,8 +66,8 @@ S2META_ALWAYS_INLINE void gemm_block(const T* __restrict__ A, const T* __restric
 // As gemm_block for M a multiple of 4, with A packed as [M/4][Kd][4]: the four rows' weights for
 // one k are adjacent, so the inner loop walks one pointer instead of four (fewer live registers).
 template <typename T, int B>
-S2META_ALWAYS_INLINE void gemm_block_packed4(const T* __restrict__ A4, const T* __restrict__ bias, const T* __restrict__ X,
-                                      int64_t M, int64_t Kd, T* __restrict__ out) {
+S2META_ALWAYS_INLINE void gemm_block_packed4(const T* __restrict__ A4, const T* __restrict__ bias,
+                                             const T* __restrict__ X, int64_t M, int64_t Kd, T* __restrict__ out) {
   for (int64_t m = 0; m < M; m += 4) {
     T acc0[B], acc1[B], acc2[B], acc3[B];
     for (int b = 0; b < B; ++b) {
@@ -100,7 +100,7 @@ S2META_ALWAYS_INLINE void gemm_block_packed4(const T* __restrict__ A4, const T* 
 // a block): dz is [M][B], x_t is [B][FP], acc is [M][FP].
 template <typename T, int B>
 S2META_ALWAYS_INLINE void accumulate_outer(T* __restrict__ acc, const T* __restrict__ dz, const T* __restrict__ x_t,
-                                    int64_t M, int64_t FP) {
+                                           int64_t M, int64_t FP) {
   for (int b = 0; b < B; ++b) {
     const T* x = x_t + b * FP;
     for (int64_t r = 0; r < M; ++r) {
@@ -117,7 +117,7 @@ S2META_ALWAYS_INLINE void accumulate_outer(T* __restrict__ acc, const T* __restr
 // before, left it latency-bound), and each lane costs 3 loads + 4 broadcasts per 12 FMAs.
 template <>
 S2META_ALWAYS_INLINE void accumulate_outer<float, 16>(float* __restrict__ acc, const float* __restrict__ dz,
-                                               const float* __restrict__ x_t, int64_t M, int64_t FP) {
+                                                      const float* __restrict__ x_t, int64_t M, int64_t FP) {
   if (M % 4 != 0 || FP % kFloatLanes != 0) {
     for (int b = 0; b < 16; ++b)
       for (int64_t r = 0; r < M; ++r)
@@ -215,8 +215,8 @@ S2META_ALWAYS_INLINE void accumulate_outer<float, 16>(float* __restrict__ acc, c
 // array form above gets spilled to the stack inside the k loop (3x slower at H = 16).
 template <>
 S2META_ALWAYS_INLINE void gemm_block_packed4<float, 16>(const float* __restrict__ A4, const float* __restrict__ bias,
-                                                 const float* __restrict__ X, int64_t M, int64_t Kd,
-                                                 float* __restrict__ out) {
+                                                        const float* __restrict__ X, int64_t M, int64_t Kd,
+                                                        float* __restrict__ out) {
   for (int64_t m = 0; m < M; m += 4) {
     FloatLanes a00 = FloatLanes{} + bias[m], a01 = a00;
     FloatLanes a10 = FloatLanes{} + bias[m + 1], a11 = a10;
@@ -257,8 +257,8 @@ S2META_ALWAYS_INLINE void gemm_block_packed4<float, 16>(const float* __restrict_
 
 // gemm_block_packed4<float, 16> for M a multiple of 8: two packed groups of four rows at once.
 S2META_ALWAYS_INLINE void gemm_block_packed4_wide(const float* __restrict__ A4, const float* __restrict__ bias,
-                                           const float* __restrict__ X, int64_t M, int64_t Kd,
-                                           float* __restrict__ out) {
+                                                  const float* __restrict__ X, int64_t M, int64_t Kd,
+                                                  float* __restrict__ out) {
   using V = FloatVec<64>::F;
   for (int64_t m = 0; m < M; m += 8) {
     V a0 = V{} + bias[m], a1 = V{} + bias[m + 1], a2 = V{} + bias[m + 2], a3 = V{} + bias[m + 3];
@@ -293,7 +293,7 @@ S2META_ALWAYS_INLINE void gemm_block_packed4_wide(const float* __restrict__ A4, 
 // and M a multiple of 8: a row of the tile is one 16-wide and one 8-wide register, and eight rows
 // give sixteen accumulators, each lane's x row loaded once for all eight.
 S2META_ALWAYS_INLINE void accumulate_outer_wide24(float* __restrict__ acc, const float* __restrict__ dz,
-                                           const float* __restrict__ x_t, int64_t M) {
+                                                  const float* __restrict__ x_t, int64_t M) {
   using W = FloatVec<64>::F;
   using N = FloatLanes;
   constexpr int64_t FP = 24;

@@ -16,14 +16,14 @@ namespace lstm_cpu {
 // register transposes (unpack / shuffle / 128-bit lane swaps), everything else element by element.
 template <typename T>
 S2META_ALWAYS_INLINE void transpose_block(const T* __restrict__ src, int64_t src_stride, T* __restrict__ dst,
-                                   int64_t dst_stride, int64_t R, int64_t C) {
+                                          int64_t dst_stride, int64_t R, int64_t C) {
   for (int64_t r = 0; r < R; ++r)
     for (int64_t c = 0; c < C; ++c) dst[c * dst_stride + r] = src[r * src_stride + c];
 }
 
 #if S2META_GCC_VECTORS
 S2META_ALWAYS_INLINE void transpose8x8(const float* __restrict__ src, int64_t src_stride, float* __restrict__ dst,
-                                int64_t dst_stride) {
+                                       int64_t dst_stride) {
   FloatLanes r0, r1, r2, r3, r4, r5, r6, r7;
   std::memcpy(&r0, src, 32);
   std::memcpy(&r1, src + src_stride, 32);
@@ -59,8 +59,8 @@ S2META_ALWAYS_INLINE void transpose8x8(const float* __restrict__ src, int64_t sr
 }
 
 template <>
-S2META_ALWAYS_INLINE void transpose_block<float>(const float* __restrict__ src, int64_t src_stride, float* __restrict__ dst,
-                                          int64_t dst_stride, int64_t R, int64_t C) {
+S2META_ALWAYS_INLINE void transpose_block<float>(const float* __restrict__ src, int64_t src_stride,
+                                                 float* __restrict__ dst, int64_t dst_stride, int64_t R, int64_t C) {
   if (R % 8 != 0 || C % 8 != 0) {
     for (int64_t r = 0; r < R; ++r)
       for (int64_t c = 0; c < C; ++c) dst[c * dst_stride + r] = src[r * src_stride + c];
@@ -97,7 +97,7 @@ S2META_ALWAYS_INLINE void swap_off_diagonal_blocks(FloatLanes16* r) {
 
 // dst and dst_stride * 4 bytes must be multiples of 64; the caller fences (sfence) after its last store.
 S2META_ALWAYS_INLINE void transpose16x16_streaming(const float* __restrict__ src, int64_t src_stride,
-                                            float* __restrict__ dst, int64_t dst_stride) {
+                                                   float* __restrict__ dst, int64_t dst_stride) {
   FloatLanes16 r[16];
   for (int i = 0; i < 16; ++i) std::memcpy(&r[i], src + i * src_stride, 64);
   swap_off_diagonal_blocks<8>(r);

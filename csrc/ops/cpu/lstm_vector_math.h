@@ -190,7 +190,7 @@ struct Act<float> {
   // the logs taken by log_normal and lanes it does not cover (0, subnormal, inf) by std::log.
   template <int VB = 32>
   static S2META_ALWAYS_INLINE void preprocess(const float* x, int64_t n, float p, float threshold, float exp_p,
-                                       float* log_part, float* sign_part) {
+                                              float* log_part, float* sign_part) {
 #if S2META_GCC_VECTORS
     using L = FloatVec<VB>;
     using V = typename L::F;
@@ -243,7 +243,7 @@ struct Act<double> {
   }
   template <int VB = 32>
   static S2META_ALWAYS_INLINE void preprocess(const double* x, int64_t n, double p, double threshold, double exp_p,
-                                       double* log_part, double* sign_part) {
+                                              double* log_part, double* sign_part) {
     for (int64_t e = 0; e < n; ++e) preprocess_scalar(x[e], p, threshold, exp_p, &log_part[e], &sign_part[e]);
   }
 };
