@@ -7,6 +7,10 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include <string>
+
+#include "ops/cpu/isa.h"
+
 PyMODINIT_FUNC PyInit__C(void) {
   static struct PyModuleDef module_def = {
       PyModuleDef_HEAD_INIT, "_C", "s2meta fused kernels (ops live in torch.ops.s2meta)", -1, nullptr};
@@ -72,4 +76,8 @@ TORCH_LIBRARY(s2meta, m) {
   // layer split as W1 [e_u; e_i] = W1u e_u + W1i e_i so it costs A + B matvecs, not A * B.
   // A leading scenario dim is allowed as for hinge_score.
   m.def("score_matrix(Tensor user_emb, Tensor item_emb, Tensor[] weights, Tensor[] biases) -> Tensor");
+
+  // The instruction set the CPU kernels run in: "avx512", "avx2" or "baseline" (ops/cpu/isa.h),
+  // the widest this CPU supports, capped by the environment variable S2META_CPU_ISA.
+  m.def("cpu_isa() -> str", [] { return std::string(s2meta::cpu::isa_name(s2meta::cpu::isa())); });
 }

@@ -5,11 +5,7 @@
 
 #include <cmath>
 
-#if defined(__CUDACC__)
-#define S2META_HOST_DEVICE __host__ __device__ __forceinline__
-#else
-#define S2META_HOST_DEVICE inline
-#endif
+#include "host_device.h"
 
 namespace s2meta {
 

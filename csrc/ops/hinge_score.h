@@ -13,25 +13,20 @@
 #include <initializer_list>
 #include <vector>
 
+#include "host_device.h"
 #include "ops/mlp_args.h"
-
-#if defined(__CUDACC__)
-#define S2META_HD __host__ __device__ __forceinline__
-#else
-#define S2META_HD inline
-#endif
 
 namespace s2meta {
 
 template <typename T>
-S2META_HD T hinge_value(T margin, T pos, T neg) {
+S2META_HOST_DEVICE T hinge_value(T margin, T pos, T neg) {
   const T m = margin - pos + neg;
   return m < T(0) ? T(0) : m;  // NaN propagates, as torch.relu
 }
 
 // d loss / d (margin - pos + neg) for one triple; the upstream gradient is already divided by N.
 template <typename T>
-S2META_HD T hinge_slope(T margin, T pos, T neg, T d_loss_over_n) {
+S2META_HOST_DEVICE T hinge_slope(T margin, T pos, T neg, T d_loss_over_n) {
   const T m = margin - pos + neg;
   return m <= T(0) ? T(0) : d_loss_over_n;
 }

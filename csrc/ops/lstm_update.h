@@ -21,6 +21,7 @@
 #include <tuple>
 
 #include "common.h"
+#include "host_device.h"
 #include "ops/grad_preprocess.h"
 
 namespace s2meta {

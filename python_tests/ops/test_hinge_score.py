@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import s2meta_fast  # noqa: F401  (loads torch.ops.s2meta)
+from cpu_isa_env import expected_cpu_isa
 from s2meta_fast.ops.sample_inputs import (flat_theta_views, make_embeddings, make_mlp, strided_rows, tolerances,
                        transposed_storage, views_of)
 from s2meta_fast.ops import reference
@@ -302,19 +303,20 @@ for dtype in (torch.float32, torch.float64):
             torch.testing.assert_close(a, b.detach(), **tol)
         torch.testing.assert_close(torch.ops.s2meta.score_matrix(user, item, weights, biases),
                                    reference.score_matrix(user, item, weights, biases), **tol)
+print(torch.ops.s2meta.cpu_isa())
 """
 
 
-@pytest.mark.parametrize("vector_bytes", ["16", "32"])
-def test_narrower_cpu_clones_match_reference(vector_bytes):
-    """The CPU kernels run the widest vector clone the machine has; check the narrower ones too."""
+@pytest.mark.parametrize("isa", ["baseline", "avx2", "avx512"])
+def test_each_cpu_clone_matches_reference(isa):
+    """Each ISA clone of the CPU kernels (S2META_CPU_ISA caps it) matches the reference."""
     import os
     import subprocess
     import sys
     from pathlib import Path
 
     here = Path(__file__).resolve().parent
-    env = dict(os.environ, S2META_CPU_VECTOR_BYTES=vector_bytes,
-               PYTHONPATH=os.pathsep.join([str(here), *sys.path]))
+    env = dict(os.environ, S2META_CPU_ISA=isa, PYTHONPATH=os.pathsep.join([str(here), *sys.path]))
     result = subprocess.run([sys.executable, "-c", _CLONE_CHECK], env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split()[-1] == expected_cpu_isa(isa)

@@ -16,6 +16,8 @@ from s2meta_fast import ops
 from s2meta_fast.ops import reference as ref
 from s2meta_fast.ops.sample_inputs import DIFFERENTIABLE, cast, make_multi_args, with_grad
 
+from cpu_isa_env import expected_cpu_isa
+
 pytestmark = pytest.mark.skipif(not s2meta_fast.backend().cpu_kernels, reason="compiled CPU kernels not built")
 requires_cuda = pytest.mark.skipif(not (torch.cuda.is_available() and s2meta_fast.backend().cuda_kernels),
                                    reason="needs a GPU and the compiled CUDA kernels")
@@ -158,22 +160,9 @@ class TestLstmUpdateMulti:
         with pytest.raises(RuntimeError, match="double backward"):
             d_w.sum().backward()
 
-    def test_baseline_cpu_path(self):
-        """The non-AVX2 build of the kernel (what a CPU without AVX2 runs) gives the same numbers."""
-        code = (
-            "import torch, s2meta_fast\n"
-            "from s2meta_fast.ops import reference as ref\n"
-            "from s2meta_fast.ops.sample_inputs import make_multi_args\n"
-            "a = make_multi_args(S=2, sizes=[37, 5, 70], dtype=torch.float32, seed=2)\n"
-            "k, r = torch.ops.s2meta.lstm_update_multi(*a.values()), ref.lstm_update_multi(*a.values())\n"
-            "for x, y in zip(k, r): torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-5)\n"
-            "print('ok')\n")
-        env = dict(os.environ, S2META_CPU_BASELINE="1")
-        result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
-        assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-2000:]
-
-    def test_avx2_cpu_path(self):
-        """The AVX2+FMA build (what a CPU without AVX-512 runs) matches the reference, forward and backward."""
+    @pytest.mark.parametrize("isa", ["baseline", "avx2", "avx512"])
+    def test_each_cpu_isa_matches_reference(self, isa):
+        """Each ISA build of the kernel (S2META_CPU_ISA caps it) matches the reference, forward and backward."""
         code = (
             "import torch, s2meta_fast\n"
             "from s2meta_fast.ops import reference as ref\n"
@@ -187,11 +176,11 @@ class TestLstmUpdateMulti:
             "for n, t in ak.items():\n"
             "    if isinstance(t, torch.Tensor) and t.grad is not None:\n"
             "        torch.testing.assert_close(t.grad, ar[n].grad, rtol=1e-4, atol=1e-4)\n"
-            "print('ok')\n")
-        env = dict(os.environ, S2META_CPU_NO_AVX512="1")
-        env.pop("S2META_CPU_BASELINE", None)
+            "print(torch.ops.s2meta.cpu_isa())\n")
+        env = dict(os.environ, S2META_CPU_ISA=isa)
         result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
-        assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-2000:]
+        assert result.returncode == 0, result.stderr[-2000:]
+        assert result.stdout.split()[-1] == expected_cpu_isa(isa)
 
     @settings(max_examples=30, deadline=None, derandomize=True)
     @given(S=st.integers(1, 3), sizes=st.lists(st.integers(0, 40), min_size=1, max_size=4),

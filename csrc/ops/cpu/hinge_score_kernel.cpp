@@ -265,7 +265,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> hinge_score_cpu(const at::Tensor&
     T* ns = neg_score.mutable_data_ptr<T>();
     if (chunks > 0) {
       const at::Tensor wt = cpu::transposed_weights<T>(in.mlp, view, user_emb);
-      const int bytes = cpu::clone_bytes();
+      const int bytes = cpu::vector_bytes(cpu::isa());
       at::parallel_for(0, S * chunks, 1, [&](int64_t begin, int64_t end) {
         Tile<T> tile(in.mlp, 2 * kTriples);
         for (int64_t task = begin; task < end; ++task) {
@@ -332,7 +332,7 @@ Grads backward_impl(const HingeInputs& in, const at::Tensor& user_emb, const at:
     T* part = partial.mutable_data_ptr<T>();
     if (slots > 0) {
       const at::Tensor wt = cpu::transposed_weights<T>(mlp, view, user_emb);
-      const int bytes = cpu::clone_bytes();
+      const int bytes = cpu::vector_bytes(cpu::isa());
       const T scale = T(1) / static_cast<T>(std::max<int64_t>(N, 1));
       at::parallel_for(0, S * slots, 1, [&](int64_t begin, int64_t end) {
         Tile<T> tile(mlp, 2 * kTriples);

@@ -3,9 +3,8 @@
 //
 // The tiles are a few dozen rows wide and the layers at most a few hundred, far below where a
 // BLAS call pays for itself, so the products are written out with GCC vector types. Every hot
-// function is always_inline and gets compiled three times: for the baseline ISA (16-byte
-// vectors) and inside target("avx2,fma") and target("avx512f") entry points (32- and 64-byte
-// vectors) chosen at run time, so one wheel runs on any x86-64 and uses the widest FMAs it finds.
+// function is always_inline over the vector width kBytes and is compiled into each ISA clone of
+// the kernels (isa.h), at that clone's hardware width: 16, 32 or 64 bytes.
 #pragma once
 
 #include <ATen/Parallel.h>
@@ -13,86 +12,13 @@
 #include <ATen/ops/empty.h>
 
 #include <cstdint>
-#include <cstdlib>
 #include <cstring>
 
+#include "ops/cpu/isa.h"
 #include "ops/mlp_args.h"
-
-#if defined(__GNUC__) && defined(__x86_64__)
-#define S2META_CPU_CLONES 1
-#define S2META_TARGET_AVX2 __attribute__((target("avx2,fma")))
-#define S2META_TARGET_AVX512 __attribute__((target("avx512f,fma")))
-#define S2META_ALWAYS_INLINE inline __attribute__((always_inline))
-#else
-#define S2META_CPU_CLONES 0
-#define S2META_TARGET_AVX2
-#define S2META_TARGET_AVX512
-#define S2META_ALWAYS_INLINE inline
-#endif
-
-// The wide vector helpers below are only ever inlined into the target clones, so the ABI note
-// GCC attaches to their by-value vectors never applies.
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic ignored "-Wpsabi"
-#endif
 
 namespace s2meta {
 namespace cpu {
-
-// Vector width, in bytes, of the clone to run: the widest this CPU supports, or a narrower one
-// named by S2META_CPU_VECTOR_BYTES=16|32 (the tests use it to check every clone on one machine).
-inline int clone_bytes() {
-#if S2META_CPU_CLONES
-  static const int bytes = [] {
-    const int supported = __builtin_cpu_supports("avx512f") ? 64
-                          : (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) ? 32
-                                                                                               : 16;
-    const char* wanted = std::getenv("S2META_CPU_VECTOR_BYTES");
-    const int asked = wanted == nullptr ? 0 : std::atoi(wanted);
-    return (asked == 16 || asked == 32 || asked == 64) && asked < supported ? asked : supported;
-  }();
-  return bytes;
-#else
-  return 16;
-#endif
-}
-
-// One hardware vector of T as a GCC vector type: kBytes = 64 (zmm) in the AVX-512 clone, 32 (ymm)
-// in the AVX2 clone, 16 (xmm) in the baseline. The explicit type makes the vectorisation certain; it must match the
-// hardware width, or GCC lowers it through the stack.
-template <typename T, int kBytes>
-struct Vec;
-template <>
-struct Vec<float, 16> {
-  typedef float type __attribute__((vector_size(16)));
-};
-template <>
-struct Vec<float, 32> {
-  typedef float type __attribute__((vector_size(32)));
-};
-template <>
-struct Vec<float, 64> {
-  typedef float type __attribute__((vector_size(64)));
-};
-template <>
-struct Vec<double, 64> {
-  typedef double type __attribute__((vector_size(64)));
-};
-template <>
-struct Vec<double, 16> {
-  typedef double type __attribute__((vector_size(16)));
-};
-template <>
-struct Vec<double, 32> {
-  typedef double type __attribute__((vector_size(32)));
-};
-
-template <typename V>
-S2META_ALWAYS_INLINE V load(const void* p) {
-  V v;
-  std::memcpy(&v, p, sizeof(V));
-  return v;
-}
 
 // Columns [j0, j0 + 2 * VW) of C (= or +=) A B: a 4-row x 2-vector block of C lives in 8
 // registers while k runs, so each load of B feeds four FMAs.

@@ -127,7 +127,7 @@ at::Tensor score_matrix_cpu(const at::Tensor& user_emb, const at::Tensor& item_e
     AT_DISPATCH_FLOATING_TYPES(user_emb.scalar_type(), "score_matrix_cpu", [&] {
       using T = scalar_t;
       const MlpView<T> view = mlp.view<T>();
-      const int bytes = cpu::clone_bytes();
+      const int bytes = cpu::vector_bytes(cpu::isa());
       const at::Tensor wt = cpu::transposed_weights<T>(mlp, view, user_emb);
       const int64_t wt_per = cpu::weights_per_scenario(mlp);
       at::Tensor uv = at::empty({S, A + B, h1}, user_emb.options());

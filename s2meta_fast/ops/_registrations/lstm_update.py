@@ -1,7 +1,7 @@
 """lstm_update_multi: fake shape functions and autograd (the fused backward op).
 
 ``lstm_update`` needs nothing here: it is a CompositeImplicitAutograd op over
-``lstm_update_multi`` (csrc/ops/lstm_update.cpp), so it inherits both.
+``lstm_update_multi`` (csrc/ops/lstm_update_composite.cpp), so it inherits both.
 """
 from __future__ import annotations
 
