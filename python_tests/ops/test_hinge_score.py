@@ -47,7 +47,7 @@ def run_both(user, pos, neg, weights, biases, margin=1.0):
         layers = len(weights)
         out = fn(leaves[0], leaves[1], leaves[2], leaves[3:3 + layers], leaves[3 + layers:], margin)
         gen = torch.Generator().manual_seed(7)
-        upstream = [torch.randn(o.shape, generator=gen, dtype=o.dtype) for o in out]
+        upstream = [torch.randn(o.shape, generator=gen, dtype=o.dtype).to(o.device) for o in out]
         grads = torch.autograd.grad(out, leaves, upstream, allow_unused=True)
         results.append(([o.detach() for o in out], grads))
     return results
