@@ -5,17 +5,21 @@ and reports what it returns; nothing here parses or prints.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import time
 from dataclasses import dataclass
-from typing import Any, Dict, Mapping, Optional
+from typing import Any, Dict, Iterator, Mapping, Optional, Tuple
 
 from ..config import Config
 from ..data import PreparedData, support_batch
 from ..errors import ConfigError
+from ..meta import distributed
 from ..plot import draw_figure, record_scenario
 from . import run_folder
-from .stages import check_device, eval_tasks, evaluate_methods, load_learner, prepare_data, train_meta
+from .stages import (check_device, check_ranks_agree, eval_tasks, evaluate_methods, load_learner, prepare_data,
+                     train_meta)
 
 log = logging.getLogger("s2meta_fast")
 
@@ -25,40 +29,73 @@ def prepare(cfg: Config) -> PreparedData:
     return prepare_data(cfg)
 
 
+@contextlib.contextmanager
+def processes(cfg: Config) -> Iterator[Tuple[Config, distributed.Group]]:
+    """The torchrun process group (one process without torchrun) and the config this rank runs.
+
+    A worker restarted by ``torchrun --max-restarts`` resumes from the run folder; ranks other
+    than 0 run quiet (rank 0 logs and draws the progress bars). Every rank checks at once that
+    all run the same settings.
+    """
+    with distributed.session(cfg.run.device, cfg.run.dist_backend) as group:
+        if group.active:
+            check_ranks_agree(cfg, None, group)
+        restarted = distributed.restart_count()
+        if restarted and not cfg.run.resume and distributed.from_writer(
+                lambda: os.path.exists(os.path.join(cfg.run.out, run_folder.CONFIG_FILE)), group):
+            log.warning("torchrun restart %d: resuming the run in %s from its last checkpoint", restarted,
+                        cfg.run.out)
+            cfg = cfg.replace(resume=True)
+        if not group.is_writer:
+            logging.getLogger("s2meta_fast").setLevel(logging.WARNING)
+            cfg = cfg.replace(quiet=True)
+        yield cfg, group
+
+
+def _prepare_agreed(cfg: Config, group: distributed.Group) -> PreparedData:
+    # rank 0 fills the data cache first; the others then read it instead of racing to write it
+    prepared = distributed.writer_first(lambda: prepare_data(cfg), group)
+    check_ranks_agree(cfg, prepared, group)
+    return prepared
+
+
 def train(cfg: Config) -> None:
     """Meta-trains s²Meta in the run folder (``--resume`` continues from its last checkpoint)."""
     check_device(cfg.run.device)
-    run_folder.check_run_folder(cfg)
-    train_meta(cfg, prepare_data(cfg))
+    with processes(cfg) as (cfg, group):
+        distributed.writer_first(lambda: run_folder.check_run_folder(cfg), group, run_others=False)
+        train_meta(cfg, _prepare_agreed(cfg, group), group)
 
 
 def evaluate(cfg: Config, checkpoint: Optional[str] = None) -> Dict[str, Any]:
     """Evaluates cfg.eval.methods on the meta-test scenarios; returns the results document."""
     check_device(cfg.run.device)
-    if not cfg.run.resume:
-        run_folder.clear_results(cfg.run.out)
-    prepared = prepare_data(cfg)
-    learner = None
-    if "s2meta" in cfg.eval.methods:
-        learner = load_learner(cfg, prepared, checkpoint)
-    return evaluate_methods(cfg, prepared, learner)
+    with processes(cfg) as (cfg, group):
+        if not cfg.run.resume:
+            distributed.writer_first(lambda: run_folder.clear_results(cfg.run.out), group, run_others=False)
+        prepared = _prepare_agreed(cfg, group)
+        learner = None
+        if "s2meta" in cfg.eval.methods:
+            learner = load_learner(cfg, prepared, checkpoint, group)
+        return evaluate_methods(cfg, prepared, learner, group=group)
 
 
 def run(cfg: Config) -> Dict[str, Any]:
     """prepare + train + evaluate every method of cfg.eval.methods; returns the results document."""
     check_device(cfg.run.device)
-    run_folder.check_run_folder(cfg)
-    start = time.perf_counter()
-    prepared = prepare_data(cfg)
-    seconds = {"prepare_s": time.perf_counter() - start}
-    learner = None
-    if "s2meta" in cfg.eval.methods:
-        # on --resume this is the time of the resumed part only
-        learner = train_meta(cfg, prepared)
-        seconds["meta_train_s"] = time.perf_counter() - start - seconds["prepare_s"]
-    doc = evaluate_methods(cfg, prepared, learner, seconds)
-    log.info("run finished in %.1f s", time.perf_counter() - start)
-    return doc
+    with processes(cfg) as (cfg, group):
+        distributed.writer_first(lambda: run_folder.check_run_folder(cfg), group, run_others=False)
+        start = time.perf_counter()
+        prepared = _prepare_agreed(cfg, group)
+        seconds = {"prepare_s": time.perf_counter() - start}
+        learner = None
+        if "s2meta" in cfg.eval.methods:
+            # on --resume this is the time of the resumed part only
+            learner = train_meta(cfg, prepared, group)
+            seconds["meta_train_s"] = time.perf_counter() - start - seconds["prepare_s"]
+        doc = evaluate_methods(cfg, prepared, learner, seconds, group)
+        log.info("run finished in %.1f s", time.perf_counter() - start)
+        return doc
 
 
 @dataclass(frozen=True)

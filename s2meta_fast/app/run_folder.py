@@ -28,7 +28,7 @@ RESULT_FILES = ("results.json", "results.md")
 METHODS_DIR = "methods"
 
 # Options that may change between an interrupted run and its resumption without changing results.
-RESUME_FREE = {"quiet", "resume", "device", "methods", "out", "keep_freed_memory"}
+RESUME_FREE = {"quiet", "resume", "device", "methods", "out", "keep_freed_memory", "dist_backend"}
 
 
 def clear_results(out: str) -> None:

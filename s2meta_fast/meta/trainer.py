@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from ..errors import TrainingError
 from ..models import MODELS
-from . import checkpoint
+from . import checkpoint, distributed
 from .graphs import GraphedInnerLoop
 from .host import training_host
 from .learner import MetaLearner
@@ -162,11 +162,17 @@ class MetaTrainer:
             memory (:func:`s2meta_fast.meta.host.keep_freed_memory`): a CPU meta-step no longer
             faults its few hundred MB of saved states back in (docs/performance.md). Process-wide
             and never undone, hence off by default; ``s2meta`` turns it on.
+        group: the :class:`~s2meta_fast.meta.distributed.Group` of a torchrun launch: each rank
+            adapts its share of every meta-batch and the meta-gradients are averaged over ranks
+            (docs/distributed.md); only rank 0 writes checkpoints and shows progress. Default:
+            one process.
     """
 
     def __init__(self, learner: MetaLearner, sampler, train_scenarios, cfg: TrainConfig = TrainConfig(),
                  out_dir: str | Path = "checkpoints", validate: Optional[Callable[[MetaLearner], float]] = None,
-                 keep_freed_memory: bool = False):
+                 keep_freed_memory: bool = False, group: distributed.Group = distributed.SINGLE):
+        distributed.check_divisible(cfg.meta_batch, group)
+        self.group = group
         self.learner, self.sampler, self.train_scenarios, self.cfg = learner, sampler, train_scenarios, cfg
         self.out_dir = Path(out_dir)
         self.validate = validate
@@ -217,6 +223,8 @@ class MetaTrainer:
         self.nonfinite_streak, self.history = state["nonfinite_streak"], list(state["history"])
 
     def save(self, name: str = LAST) -> Path:
+        if not self.group.is_writer:
+            return self.out_dir / name
         return checkpoint.save_atomic(self.state_dict(), self.out_dir / name)
 
     # -- training -----------------------------------------------------------------------------
@@ -234,20 +242,24 @@ class MetaTrainer:
         cfg = self.cfg
         meta_steps = cfg.meta_steps if meta_steps is None else meta_steps
         last = self.out_dir / LAST
-        if resume and last.exists():
-            self.load_state_dict(checkpoint.load(last, map_location="cpu"))
+        # rank 0 reads and hands the state to every rank: all resume from the same checkpoint
+        state = distributed.from_writer(
+            lambda: checkpoint.load(last, map_location="cpu") if resume and last.exists() else None, self.group)
+        if state is not None:
+            self.load_state_dict(state)
             self._info("resumed from %s at meta-step %d", last, self.step)
         elif resume:
             self._info("no checkpoint at %s; starting from scratch", last)
         running: Dict[str, float] = {"loss": 0.0, "query": 0.0, "reinforce": 0.0, "steps": 0.0, "n": 0}
         params = [p for p in self.learner.parameters() if p.requires_grad]
-        bar = tqdm(total=meta_steps, initial=self.step, disable=cfg.quiet, desc="meta-train", unit="step")
+        bar = tqdm(total=meta_steps, initial=self.step, disable=cfg.quiet or not self.group.is_writer, desc="meta-train", unit="step")
         try:
             with training_host(self.device, keep_memory=self.keep_freed_memory):
                 self._train_until(meta_steps, running, params, bar)
         finally:
             bar.close()
         self.save()
+        distributed.barrier(self.group)   # the final checkpoint is on disk before any rank reads it
         return {"step": self.step, "best_score": self.best_score, "history": self.history}
 
     def _train_until(self, meta_steps: int, running: Dict[str, float], params, bar) -> None:
@@ -255,8 +267,19 @@ class MetaTrainer:
         while self.step < meta_steps:
             batch = self.sampler.train_batch(self.train_scenarios, cfg.meta_batch).to(self.device)
             noise = self.learner.draw_noise(batch, self.generator)
+            if self.group.active:   # every rank drew the whole batch; it adapts its slice
+                mine = distributed.share(cfg.meta_batch, self.group)
+                batch, noise = distributed.select_scenarios(batch, mine), noise.select(mine)
             terms = self.step_fn(batch, noise)
-            if self._finite(terms.total, params):
+            total = terms.total
+            if self.group.active:
+                stats = torch.stack([terms.total, terms.query_loss.mean(), terms.reinforce.mean(),
+                                     terms.steps.to(terms.total.dtype).mean()])
+                stats = distributed.average_gradients(params, stats, self.group)
+                total = stats[0]
+                terms = dataclasses.replace(terms, total=stats[0], query_loss=stats[1:2], reinforce=stats[2:3],
+                                            steps=stats[3:4])   # the global batch's means, for the log
+            if self._finite(total, params):
                 self.nonfinite_streak = 0
                 torch.nn.utils.clip_grad_value_(params, cfg.grad_clip)
                 self.optimizer.step()
@@ -313,5 +336,5 @@ class MetaTrainer:
             self.save()
 
     def _info(self, message: str, *args) -> None:
-        if not self.cfg.quiet:
+        if not self.cfg.quiet and self.group.is_writer:
             log.info(message, *args)
