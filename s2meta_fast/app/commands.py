@@ -40,15 +40,16 @@ def processes(cfg: Config) -> Iterator[Tuple[Config, distributed.Group]]:
     with distributed.session(cfg.run.device, cfg.run.dist_backend) as group:
         if group.active:
             check_ranks_agree(cfg, None, group)
-        restarted = distributed.restart_count()
-        if restarted and not cfg.run.resume and distributed.from_writer(
-                lambda: os.path.exists(os.path.join(cfg.run.out, run_folder.CONFIG_FILE)), group):
-            log.warning("torchrun restart %d: resuming the run in %s from its last checkpoint", restarted,
-                        cfg.run.out)
-            cfg = cfg.replace(resume=True)
         if not group.is_writer:
             logging.getLogger("s2meta_fast").setLevel(logging.WARNING)
             cfg = cfg.replace(quiet=True)
+        restarted = distributed.restart_count()
+        if restarted and not cfg.run.resume and distributed.from_writer(
+                lambda: os.path.exists(os.path.join(cfg.run.out, run_folder.CONFIG_FILE)), group):
+            if group.is_writer:
+                log.warning("torchrun restart %d: resuming the run in %s from its last checkpoint", restarted,
+                            cfg.run.out)
+            cfg = cfg.replace(resume=True)
         yield cfg, group
 
 

@@ -114,7 +114,12 @@ def init_from_env(device: str = "cpu", backend: str = "auto") -> Group:
             raise ConfigError(f"local rank {local_rank} has no GPU: this node has {torch.cuda.device_count()}; "
                               f"launch at most that many processes per node (--nproc-per-node)")
         torch.cuda.set_device(local_rank)
-    dist.init_process_group(backend, init_method="env://", timeout=TIMEOUT)
+    # env:// as init_process_group would do it, but under a per-attempt prefix: after a
+    # --max-restarts restart the agent's store still holds the dead attempt's addresses, and
+    # without the prefix a new rank can read its peer's old port and fail to connect
+    store, rank, world_size = next(dist.rendezvous("env://", timeout=TIMEOUT))
+    store = dist.PrefixStore(f"s2meta_fast/attempt{restart_count()}", store)
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=TIMEOUT)
     group = current()
     log.debug("rank %d of %d joined (%s)", group.rank, group.world_size, backend)
     return group
