@@ -165,3 +165,24 @@ def test_mismatched_settings_are_a_clear_error_on_every_rank(two_ranks):
 def test_uneven_meta_batch_is_refused():
     with pytest.raises(ConfigError, match="meta_batch 6 is not a multiple of the 4 processes"):
         distributed.check_divisible(6, distributed.Group(rank=0, world_size=4, backend="gloo"))
+
+
+def test_without_torchrun_nothing_communicates(monkeypatch):
+    for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    with distributed.session("cpu", "auto") as group:
+        assert group is distributed.SINGLE and not group.active and group.is_writer
+        assert (group.world_size, group.backend) == (1, "none")
+        distributed.check_same({"config": str(os.getpid())}, group)   # nothing to compare with
+        assert distributed.from_writer(lambda: 7, group) == 7
+
+
+@pytest.mark.parametrize("device,asked,chosen", [("cpu", "auto", "gloo"), ("cuda", "auto", "nccl"),
+                                                 ("cuda", "gloo", "gloo"), ("cpu", "gloo", "gloo")])
+def test_backend_follows_the_device_unless_overridden(device, asked, chosen):
+    assert distributed.choose_backend(device, asked) == chosen
+
+
+def test_nccl_on_the_cpu_is_refused():
+    with pytest.raises(ConfigError, match="nccl needs --device cuda"):
+        distributed.choose_backend("cpu", "nccl")
