@@ -275,5 +275,6 @@ def check_ranks_agree(cfg: Config, prepared: Optional[PreparedData], group: Grou
     distributed.check_same(parts, group)
 
 
-__all__ = ["build_learner", "check_device", "check_ranks_agree", "data_fingerprint", "eval_tasks", "evaluate_methods", "finetune_choice", "global_theta",
-           "load_learner", "make_method", "prepare_data", "train_meta", "validation_fn"]
+__all__ = ["build_learner", "check_device", "check_ranks_agree", "data_fingerprint", "eval_tasks", "evaluate_methods",
+           "finetune_choice", "global_theta", "load_learner", "make_method", "prepare_data", "train_meta",
+           "validation_fn"]

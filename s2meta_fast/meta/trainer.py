@@ -252,7 +252,8 @@ class MetaTrainer:
             self._info("no checkpoint at %s; starting from scratch", last)
         running: Dict[str, float] = {"loss": 0.0, "query": 0.0, "reinforce": 0.0, "steps": 0.0, "n": 0}
         params = [p for p in self.learner.parameters() if p.requires_grad]
-        bar = tqdm(total=meta_steps, initial=self.step, disable=cfg.quiet or not self.group.is_writer, desc="meta-train", unit="step")
+        bar = tqdm(total=meta_steps, initial=self.step, disable=cfg.quiet or not self.group.is_writer,
+                   desc="meta-train", unit="step")
         try:
             with training_host(self.device, keep_memory=self.keep_freed_memory):
                 self._train_until(meta_steps, running, params, bar)
@@ -271,15 +272,13 @@ class MetaTrainer:
                 mine = distributed.share(cfg.meta_batch, self.group)
                 batch, noise = distributed.select_scenarios(batch, mine), noise.select(mine)
             terms = self.step_fn(batch, noise)
-            total = terms.total
             if self.group.active:
                 stats = torch.stack([terms.total, terms.query_loss.mean(), terms.reinforce.mean(),
                                      terms.steps.to(terms.total.dtype).mean()])
                 stats = distributed.average_gradients(params, stats, self.group)
-                total = stats[0]
                 terms = dataclasses.replace(terms, total=stats[0], query_loss=stats[1:2], reinforce=stats[2:3],
                                             steps=stats[3:4])   # the global batch's means, for the log
-            if self._finite(total, params):
+            if self._finite(terms.total, params):
                 self.nonfinite_streak = 0
                 torch.nn.utils.clip_grad_value_(params, cfg.grad_clip)
                 self.optimizer.step()
