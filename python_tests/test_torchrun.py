@@ -16,7 +16,7 @@ import pytest
 from s2meta_fast.data.synthetic import write_raw
 
 ROOT = Path(__file__).resolve().parents[1]
-STEPS = 24
+STEPS = 40   # long enough that the kill lands mid-training even on a fast machine
 TINY = ["--meta-steps", str(STEPS), "--meta-batch", "2", "--t-max", "5", "--t-min", "2", "--validate-every", "4",
         "--checkpoint-every", "4", "--methods", "s2meta", "itempop", "--seed", "3", "--device", "cpu"]
 
@@ -67,7 +67,7 @@ def test_killed_worker_restarts_resumes_and_ends_like_an_uninterrupted_run(datas
     deadline = time.monotonic() + 240
     while not (killed / "checkpoint.pt").exists():   # the first checkpoint: meta-step 4
         assert process.poll() is None and time.monotonic() < deadline, "the run ended before its first checkpoint"
-        time.sleep(0.02)
+        time.sleep(0.005)
     os.kill(worker_of_rank(process.pid, 1), signal.SIGKILL)
     _, stderr = finish(process)
     assert stderr.count("torchrun restart 1: resuming") == 1   # rank 0 logs, the others are quiet
