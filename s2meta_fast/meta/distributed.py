@@ -13,7 +13,8 @@ loop noise from the run's seed (the sampler and generator streams are identical 
 and adapts the slice ``[rank·B/N, (rank+1)·B/N)``. The union of the slices is the single-process
 batch, so N ranks × B/N scenarios follow the same trajectory as one process × B (up to the
 rounding of a mean taken in two stages), and every rank's checkpointed random state is the same.
-Drawing B tasks on the host is microseconds per scenario, next to the inner loop's milliseconds.
+The price is B task draws per rank instead of B/N (tens of µs each on the host, against ~23 ms
+of CPU compute per scenario); docs/distributed.md says where that stops being small.
 
 Without ``torchrun`` (no ``WORLD_SIZE``/``MASTER_ADDR`` in the environment) :func:`session`
 yields :data:`SINGLE` and nothing here communicates.
