@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import logging
+import os
 import signal
 import sys
 import threading
@@ -166,6 +167,11 @@ def _setup_logging(quiet: bool) -> None:
                         datefmt="%H:%M:%S", stream=sys.stderr, force=True)
 
 
+def _prints() -> bool:
+    """Under torchrun only rank 0 prints what a command returns (every rank returns it)."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 def cmd_prepare(cfg: Config, args: argparse.Namespace) -> None:
     print(app.prepare(cfg).summary())
 
@@ -175,11 +181,15 @@ def cmd_train(cfg: Config, args: argparse.Namespace) -> None:
 
 
 def cmd_evaluate(cfg: Config, args: argparse.Namespace) -> None:
-    print(markdown_table(app.evaluate(cfg, args.checkpoint)), end="")
+    doc = app.evaluate(cfg, args.checkpoint)
+    if _prints():
+        print(markdown_table(doc), end="")
 
 
 def cmd_run(cfg: Config, args: argparse.Namespace) -> None:
-    print(markdown_table(app.run(cfg)), end="")
+    doc = app.run(cfg)
+    if _prints():
+        print(markdown_table(doc), end="")
 
 
 def cmd_plot(args: argparse.Namespace) -> None:
@@ -206,7 +216,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if threading.current_thread() is threading.main_thread():
         # A kill (SIGTERM) ends the run like Ctrl-C: every file on disk is whole, --resume continues.
         signal.signal(signal.SIGTERM, _terminate_as_interrupt)
-    print(backend(), file=sys.stderr, flush=True)
+    if _prints():
+        print(backend(), file=sys.stderr, flush=True)
     try:
         if args.command == "plot":
             _setup_logging(args.quiet)

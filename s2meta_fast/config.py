@@ -38,6 +38,7 @@ from .data import DATASETS
 from .errors import ConfigError
 from .eval.baselines import METHODS
 from .eval.metrics import DEFAULT_KS, check_ks
+from .meta.distributed import BACKENDS as DIST_BACKENDS
 from .meta.meta_config import INIT_MODES, STATE_INITS, STOP_MODES, UPDATE_MODES, MetaConfig
 from .meta.trainer import OPTIMIZERS, TrainConfig
 from .models import MODELS
@@ -159,6 +160,8 @@ class RunConfig:
             process-wide, see :func:`s2meta_fast.meta.host.keep_freed_memory`). On for a
             command-line run, where it was measured to help; ``MetaTrainer`` leaves it off
             unless asked.
+        dist_backend: the torch.distributed backend under torchrun: "auto" (NCCL on CUDA, gloo
+            on the CPU), "nccl" or "gloo" (docs/distributed.md); ignored without torchrun.
     """
 
     seed: int = 0
@@ -167,12 +170,15 @@ class RunConfig:
     quiet: bool = False
     resume: bool = False
     keep_freed_memory: bool = True
+    dist_backend: str = "auto"
 
     def __post_init__(self) -> None:
         _need(isinstance(self.seed, int) and not isinstance(self.seed, bool) and self.seed >= 0, "RunConfig",
               f"seed must be a non-negative int, got {self.seed!r}")
         _need(self.device in DEVICES, "RunConfig", f"device must be one of {DEVICES}, got {self.device!r}")
         _need(isinstance(self.out, str) and self.out != "", "RunConfig", "out must be a folder path")
+        _need(self.dist_backend in DIST_BACKENDS, "RunConfig",
+              f"dist_backend must be one of {DIST_BACKENDS}, got {self.dist_backend!r}")
 
 
 SECTIONS: Dict[str, type] = {"data": DataConfig, "meta": MetaConfig, "train": TrainConfig,
@@ -182,7 +188,8 @@ SECTIONS: Dict[str, type] = {"data": DataConfig, "meta": MetaConfig, "train": Tr
 # Dataset names are checked by DataConfig instead, so that an unknown one is listed like any bad value.
 CHOICES: Dict[str, Tuple[str, ...]] = {"init": INIT_MODES, "update": UPDATE_MODES, "stop": STOP_MODES,
                                        "eval_stop": STOP_MODES, "state_init": STATE_INITS, "device": DEVICES,
-                                       "model": tuple(MODELS), "optimizer": OPTIMIZERS, "methods": tuple(METHODS)}
+                                       "model": tuple(MODELS), "optimizer": OPTIMIZERS, "methods": tuple(METHODS),
+                                       "dist_backend": DIST_BACKENDS}
 
 # Named sets of option values, applied above the defaults and below a config file and flags.
 # "demo": a default run that finishes in minutes on a 2-core CPU (what `s2meta` starts from):

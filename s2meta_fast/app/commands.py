@@ -5,21 +5,24 @@ and reports what it returns; nothing here parses or prints.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
 from dataclasses import dataclass
-from typing import Any, Dict, Mapping, Optional
+from typing import Any, Dict, Iterator, Mapping, Optional, Tuple
 
 from ..config import Config
 from ..data import PreparedData, support_batch
 from ..errors import CheckpointError, ConfigError
 from ..meta import checkpoint as checkpoints
+from ..meta import distributed
 from ..meta.trainer import BEST, LAST
 from ..plot import draw_figure, record_scenario
 from . import run_folder
 from .transaction import STAGING
-from .stages import check_device, eval_tasks, evaluate_methods, load_learner, prepare_data, train_meta
+from .stages import (check_device, check_ranks_agree, eval_tasks, evaluate_methods, load_learner, prepare_data,
+                     train_meta)
 
 log = logging.getLogger("s2meta_fast")
 
@@ -29,13 +32,46 @@ def prepare(cfg: Config) -> PreparedData:
     return prepare_data(cfg)
 
 
+@contextlib.contextmanager
+def processes(cfg: Config) -> Iterator[Tuple[Config, distributed.Group]]:
+    """The torchrun process group (one process without torchrun) and the config this rank runs.
+
+    A worker restarted by ``torchrun --max-restarts`` resumes from the run folder; ranks other
+    than 0 run quiet (rank 0 logs and draws the progress bars). Every rank checks at once that
+    all run the same settings.
+    """
+    with distributed.session(cfg.run.device, cfg.run.dist_backend) as group:
+        if group.active:
+            check_ranks_agree(cfg, None, group)
+        if not group.is_writer:
+            logging.getLogger("s2meta_fast").setLevel(logging.WARNING)
+            cfg = cfg.replace(quiet=True)
+        restarted = distributed.restart_count()
+        if restarted and not cfg.run.resume and distributed.from_writer(
+                lambda: any(os.path.exists(os.path.join(cfg.run.out, folder, run_folder.CONFIG_FILE))
+                            for folder in ("", STAGING)), group):
+            if group.is_writer:
+                log.warning("torchrun restart %d: resuming the run in %s from its last checkpoint", restarted,
+                            cfg.run.out)
+            cfg = cfg.replace(resume=True)
+        yield cfg, group
+
+
+def _prepare_agreed(cfg: Config, group: distributed.Group) -> PreparedData:
+    # rank 0 fills the data cache first; the others then read it instead of racing to write it
+    prepared = distributed.writer_first(lambda: prepare_data(cfg), group)
+    check_ranks_agree(cfg, prepared, group)
+    return prepared
+
+
 def train(cfg: Config) -> None:
     """Meta-trains s²Meta in the run folder (``--resume`` continues from its last checkpoint)."""
     check_device(cfg.run.device)
-    prepared = prepare_data(cfg)   # bad data fails here, before --out is touched
-    with run_folder.staged(cfg) as staged:
-        run_folder.check_run_folder(staged)
-        train_meta(staged, prepared)
+    with processes(cfg) as (cfg, group):
+        prepared = _prepare_agreed(cfg, group)   # bad data fails here, before --out is touched
+        with _staged(cfg, group) as staged:
+            distributed.writer_first(lambda: run_folder.check_run_folder(staged), group, run_others=False)
+            train_meta(staged, prepared, group)
 
 
 def evaluate(cfg: Config, checkpoint: Optional[str] = None) -> Dict[str, Any]:
@@ -47,33 +83,35 @@ def evaluate(cfg: Config, checkpoint: Optional[str] = None) -> Dict[str, Any]:
             os.path.isfile(os.path.join(cfg.run.out, folder, name))
             for folder in ("", STAGING) for name in (BEST, LAST)):
         run_folder.find_checkpoint(cfg.run.out)   # names what is missing
-    prepared = prepare_data(cfg)
-    with run_folder.staged(cfg, carry=True) as staged:
-        if not cfg.run.resume:
-            run_folder.clear_results(staged.run.out)
-        learner = None
-        if "s2meta" in cfg.eval.methods:
-            learner = load_learner(staged, prepared, checkpoint)
-        doc = evaluate_methods(staged, prepared, learner)
-    return _committed(doc, cfg)
+    with processes(cfg) as (cfg, group):
+        prepared = _prepare_agreed(cfg, group)
+        with _staged(cfg, group, carry=True) as staged:
+            if not cfg.run.resume:
+                distributed.writer_first(lambda: run_folder.clear_results(staged.run.out), group, run_others=False)
+            learner = None
+            if "s2meta" in cfg.eval.methods:
+                learner = load_learner(staged, prepared, checkpoint, group)
+            doc = evaluate_methods(staged, prepared, learner, group=group)
+        return _committed(doc, cfg)
 
 
 def run(cfg: Config) -> Dict[str, Any]:
     """prepare + train + evaluate every method of cfg.eval.methods; returns the results document."""
     check_device(cfg.run.device)
-    start = time.perf_counter()
-    prepared = prepare_data(cfg)   # bad data fails here, before --out is touched
-    seconds = {"prepare_s": time.perf_counter() - start}
-    with run_folder.staged(cfg) as staged:
-        run_folder.check_run_folder(staged)
-        learner = None
-        if "s2meta" in cfg.eval.methods:
-            # on --resume this is the time of the resumed part only
-            learner = train_meta(staged, prepared)
-            seconds["meta_train_s"] = time.perf_counter() - start - seconds["prepare_s"]
-        doc = evaluate_methods(staged, prepared, learner, seconds)
-    log.info("run finished in %.1f s", time.perf_counter() - start)
-    return _committed(doc, cfg)
+    with processes(cfg) as (cfg, group):
+        start = time.perf_counter()
+        prepared = _prepare_agreed(cfg, group)   # bad data fails here, before --out is touched
+        seconds = {"prepare_s": time.perf_counter() - start}
+        with _staged(cfg, group) as staged:
+            distributed.writer_first(lambda: run_folder.check_run_folder(staged), group, run_others=False)
+            learner = None
+            if "s2meta" in cfg.eval.methods:
+                # on --resume this is the time of the resumed part only
+                learner = train_meta(staged, prepared, group)
+                seconds["meta_train_s"] = time.perf_counter() - start - seconds["prepare_s"]
+            doc = evaluate_methods(staged, prepared, learner, seconds, group)
+        log.info("run finished in %.1f s", time.perf_counter() - start)
+        return _committed(doc, cfg)
 
 
 def _committed(doc: Dict[str, Any], cfg: Config) -> Dict[str, Any]:
@@ -81,6 +119,28 @@ def _committed(doc: Dict[str, Any], cfg: Config) -> Dict[str, Any]:
     if isinstance(doc.get("config", {}).get("run"), dict):
         doc["config"]["run"]["out"] = cfg.run.out
     return doc
+
+
+@contextlib.contextmanager
+def _staged(cfg: Config, group: distributed.Group, carry: bool = False) -> Iterator[Config]:
+    """The run-folder transaction (:func:`run_folder.staged`) across ranks.
+
+    Rank 0 holds the lock and commits; the other ranks work in the same staging folder (they
+    write nothing there but read what rank 0 wrote). Every rank is done before rank 0 commits.
+    """
+    if not group.active:
+        with run_folder.staged(cfg, carry=carry) as staged:
+            yield staged
+        return
+    if group.is_writer:
+        with run_folder.staged(cfg, carry=carry) as staged:
+            distributed.barrier(group)   # the staging folder exists before the others use it
+            yield staged
+            distributed.barrier(group)
+    else:
+        distributed.barrier(group)
+        yield cfg.replace(out=os.path.join(cfg.run.out, STAGING))
+        distributed.barrier(group)
 
 
 @dataclass(frozen=True)

@@ -35,7 +35,8 @@ RESULT_FILES = ("results.json", "results.md")
 METHODS_DIR = "methods"
 
 # Options that may change between an interrupted run and its resumption without changing results.
-RESUME_FREE = {"quiet", "resume", "device", "methods", "out", "keep_freed_memory", "keep_checkpoints"}
+RESUME_FREE = {"quiet", "resume", "device", "methods", "out", "keep_freed_memory", "keep_checkpoints",
+               "dist_backend"}
 
 
 def clear_results(out: str) -> None:

@@ -5,6 +5,7 @@ folder through :mod:`s2meta_fast.app.run_folder`, so a finished stage is skipped
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import time
@@ -23,6 +24,8 @@ from ..eval.protocol import Method, evaluate
 from ..eval.results import build_results, write_results
 from ..meta import MetaLearner, MetaTrainer
 from ..meta import checkpoint as checkpoints
+from ..meta import distributed
+from ..meta.distributed import SINGLE, Group
 from ..meta.trainer import checkpoint_differences
 from ..models import FlatRecommender, build_model
 from . import run_folder
@@ -71,44 +74,53 @@ def build_learner(cfg: Config, prepared: PreparedData) -> MetaLearner:
     return learner.to(torch.device(cfg.run.device))
 
 
-def validation_fn(cfg: Config, valid_tasks: List[EvalTask]) -> Callable[[MetaLearner], float]:
+def validation_fn(cfg: Config, valid_tasks: List[EvalTask],
+                  group: Group = SINGLE) -> Callable[[MetaLearner], float]:
     """Recall@20 (or the nearest K) of the learner on the meta-validation scenarios.
 
-    The learner is validated with the stop rule it will be evaluated with.
+    The learner is validated with the stop rule it will be evaluated with (sharded over `group`).
     """
     k = 20 if 20 in cfg.eval.ks else cfg.eval.ks[0]
 
     def validate(learner: MetaLearner) -> float:
         method = S2Meta(learner, stop=cfg.stop_at_evaluation)
         res = evaluate(method, valid_tasks, (k,), seed=cfg.run.seed, device=cfg.run.device,
-                       block_size=cfg.eval.block_size, max_pairs=cfg.eval.max_pairs, progress=False)
+                       block_size=cfg.eval.block_size, max_pairs=cfg.eval.max_pairs, progress=False, group=group)
         return res["metrics"][f"recall@{k}"]
     return validate
 
 
-def train_meta(cfg: Config, prepared: PreparedData) -> MetaLearner:
+def train_meta(cfg: Config, prepared: PreparedData, group: Group = SINGLE) -> MetaLearner:
     """Meta-trains (or resumes) in OUT; returns the learner at its best validation score."""
     if not prepared.train:
         raise DataError(f"{prepared.name}: no meta-train scenario; lower --min-items or raise --max-items")
     learner = build_learner(cfg, prepared)
     valid = eval_tasks(prepared, "valid", cfg.run.seed)
     trainer = MetaTrainer(learner, TaskSampler(prepared, cfg.run.seed), prepared.train, cfg.train, cfg.run.out,
-                          validate=validation_fn(cfg, valid) if valid else None,
-                          keep_freed_memory=cfg.run.keep_freed_memory)
+                          validate=validation_fn(cfg, valid, group) if valid else None,
+                          keep_freed_memory=cfg.run.keep_freed_memory, group=group)
     start = time.perf_counter()
     summary = trainer.fit(resume=cfg.run.resume)
     log.info("meta-training: %d meta-steps, best validation %.4f, %.1f s", summary["step"], summary["best_score"],
              time.perf_counter() - start)
-    return load_learner(cfg, prepared)
+    return load_learner(cfg, prepared, group=group)
 
 
-def load_learner(cfg: Config, prepared: PreparedData, checkpoint_path: Optional[str] = None) -> MetaLearner:
-    """The learner of a checkpoint: `checkpoint_path`, else the run folder's (best.pt, else checkpoint.pt)."""
-    if checkpoint_path is None:
-        checkpoint_path = run_folder.find_checkpoint(cfg.run.out)
-    elif not os.path.exists(checkpoint_path):
-        raise RunFolderError(f"checkpoint {checkpoint_path!r} does not exist")
-    state = checkpoints.load(checkpoint_path, map_location="cpu")
+def load_learner(cfg: Config, prepared: PreparedData, checkpoint_path: Optional[str] = None,
+                 group: Group = SINGLE) -> MetaLearner:
+    """The learner of a checkpoint: `checkpoint_path`, else the run folder's (best.pt, else checkpoint.pt).
+
+    Under torchrun rank 0 reads the file and hands the state to the others.
+    """
+    def read():
+        path = checkpoint_path
+        if path is None:
+            path = run_folder.find_checkpoint(cfg.run.out)
+        elif not os.path.exists(path):
+            raise RunFolderError(f"checkpoint {path!r} does not exist")
+        return path, checkpoints.load(path, map_location="cpu")
+
+    checkpoint_path, state = distributed.from_writer(read, group)
     learner = build_learner(cfg, prepared)
     diffs = checkpoint_differences(state, learner)
     if diffs or "learner" not in state:
@@ -200,11 +212,13 @@ def make_method(name: str, cfg: Config, prepared: PreparedData, learner: Optiona
 
 
 def evaluate_methods(cfg: Config, prepared: PreparedData, learner: Optional[MetaLearner] = None,
-                     stage_seconds: Optional[Mapping[str, float]] = None) -> Dict[str, Any]:
+                     stage_seconds: Optional[Mapping[str, float]] = None, group: Group = SINGLE) -> Dict[str, Any]:
     """Evaluates cfg.eval.methods on the meta-test scenarios and writes results.json/.md.
 
     `stage_seconds` (e.g. prepare, meta-training wall times of this process) go into the
-    results' ``timings`` next to each method's.
+    results' ``timings`` next to each method's. Under torchrun (`group`) the test scenarios are
+    sharded over the ranks, rank 0 builds the baselines first (the others then read its cached
+    files) and writes every file.
     """
     tasks = eval_tasks(prepared, "test", cfg.run.seed)
     if not tasks:
@@ -214,15 +228,16 @@ def evaluate_methods(cfg: Config, prepared: PreparedData, learner: Optional[Meta
     n_users = None
     for name in cfg.eval.methods:
         path = run_folder.method_path(cfg.run.out, name)
-        cached = run_folder.read_json(path) if cfg.run.resume else None
+        cached = distributed.from_writer(lambda: run_folder.read_json(path), group) if cfg.run.resume else None
         if cached is None:
             start = time.perf_counter()
-            method = make_method(name, cfg, prepared, learner)
+            method = distributed.writer_first(lambda: make_method(name, cfg, prepared, learner), group)
             res = evaluate(method, tasks, cfg.eval.ks, seed=cfg.run.seed, device=cfg.run.device,
                            block_size=cfg.eval.block_size, max_pairs=cfg.eval.max_pairs,
-                           progress=not cfg.run.quiet, desc=f"evaluate {name}")
+                           progress=not cfg.run.quiet, desc=f"evaluate {name}", group=group)
             res["total_seconds"] = time.perf_counter() - start
-            run_folder.write_json(path, res)
+            if group.is_writer:
+                run_folder.write_json(path, res)
             cached = res
         methods[name] = cached["metrics"]
         timings[name] = {"evaluate_s": round(cached["seconds"], 3),
@@ -232,10 +247,43 @@ def evaluate_methods(cfg: Config, prepared: PreparedData, learner: Optional[Meta
                                              if k.startswith("recall")))
     doc = build_results(prepared.name, cfg.run.seed, len(tasks), n_users, methods,
                         backend=_extension.backend().name, device=cfg.run.device, timings=timings,
-                        config=cfg.to_dict())
-    write_results(cfg.run.out, doc)
+                        config=cfg.to_dict(), world_size=group.world_size, dist_backend=group.backend)
+    if group.is_writer:
+        write_results(cfg.run.out, doc)
     return doc
 
 
-__all__ = ["build_learner", "check_device", "eval_tasks", "evaluate_methods", "finetune_choice", "global_theta",
-           "load_learner", "make_method", "prepare_data", "train_meta", "validation_fn"]
+# --------------------------------------------------------------------------------------------
+# several processes (torchrun)
+
+
+def data_fingerprint(prepared: PreparedData) -> str:
+    """A digest of what meta-training reads: embeddings and the scenarios of each split."""
+    digest = hashlib.blake2b(digest_size=16)
+    digest.update(prepared.name.encode("utf-8"))
+    for tensor in (prepared.user_emb, prepared.item_emb):
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    for split in ("train", "valid", "test"):
+        for scenario in prepared.scenarios(split):
+            digest.update(f"{split}:{scenario.name}:{len(scenario.users)};".encode("utf-8"))
+    return digest.hexdigest()
+
+
+def check_ranks_agree(cfg: Config, prepared: Optional[PreparedData], group: Group) -> None:
+    """Every rank runs the same config, software and (when given) data, or all stop with a ConfigError.
+
+    Run control that may differ per process (quiet, resume) is left out.
+    """
+    if not group.active:
+        return
+    options = {k: v for k, v in cfg.options().items() if k not in ("quiet", "resume")}
+    parts = {"config": "\n".join(f"{k}: {v!r}" for k, v in options.items()),
+             "software": f"torch {torch.__version__}; kernels {_extension.backend().name}"}
+    if prepared is not None:
+        parts["data"] = data_fingerprint(prepared)
+    distributed.check_same(parts, group)
+
+
+__all__ = ["build_learner", "check_device", "check_ranks_agree", "data_fingerprint", "eval_tasks", "evaluate_methods",
+           "finetune_choice", "global_theta", "load_learner", "make_method", "prepare_data", "train_meta",
+           "validation_fn"]

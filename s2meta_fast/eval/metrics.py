@@ -103,7 +103,11 @@ class MetricAccumulator:
 
     def add(self, scores: Tensor, relevance: Tensor, user_mask: Optional[Tensor] = None,
             item_mask: Optional[Tensor] = None) -> None:
-        block = topk_metric_sums(scores, relevance, self.ks, user_mask, item_mask)
+        self.add_sums(topk_metric_sums(scores, relevance, self.ks, user_mask, item_mask))
+
+    def add_sums(self, block: Dict[str, float]) -> None:
+        """Adds the output of :func:`topk_metric_sums` (e.g. computed by another process)."""
+        block = dict(block)
         self.count += block.pop("count")
         for key, value in block.items():
             self.sums[key] += value

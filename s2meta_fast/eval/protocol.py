@@ -7,6 +7,10 @@ whose score tensor would exceed ``max_pairs`` is scored in user chunks (the adap
 done once). Metrics are per-row sums, so grouping never changes the numbers; the random draws of
 a stochastic adaptation do depend on the grouping, which is therefore fixed by the task order
 and ``block_size`` — the same seed and settings give the same numbers.
+
+Under torchrun the blocks are dealt round-robin to the ranks (``group``); each block keeps its
+generator, the per-chunk sums are gathered and pooled in block order on every rank, so a sharded
+evaluation gives exactly the single-process numbers.
 """
 from __future__ import annotations
 
@@ -19,7 +23,8 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .metrics import DEFAULT_KS, MetricAccumulator, check_ks
+from ..meta import distributed
+from .metrics import DEFAULT_KS, MetricAccumulator, check_ks, topk_metric_sums
 
 
 @dataclass
@@ -101,7 +106,8 @@ def block_generator(seed: int, index: int, device: torch.device) -> torch.Genera
 
 def evaluate(method: Method, tasks: Sequence[Any], ks: Sequence[int] = DEFAULT_KS, *, seed: int = 0,
              device: str | torch.device = "cpu", block_size: int = 16, max_pairs: int = 4_000_000,
-             progress: bool = True, desc: Optional[str] = None) -> Dict[str, Any]:
+             progress: bool = True, desc: Optional[str] = None,
+             group: distributed.Group = distributed.SINGLE) -> Dict[str, Any]:
     """Runs the protocol for one method.
 
     Args:
@@ -113,7 +119,9 @@ def evaluate(method: Method, tasks: Sequence[Any], ks: Sequence[int] = DEFAULT_K
         device: where adaptation and scoring run.
         block_size: scenarios adapted and scored together.
         max_pairs: largest ``S * A * B`` scored in one call; larger blocks are scored in user chunks.
-        progress: show a tqdm bar over scenarios.
+        progress: show a tqdm bar over scenarios (rank 0's share under torchrun).
+        group: a torchrun process group: each rank evaluates every world_size-th block and all
+            ranks return the pooled result. Every rank of the group must call this.
 
     Returns:
         ``{"metrics": {"recall@10": ..., ...}, "n_scenarios", "n_users", "seconds"}``.
@@ -123,22 +131,34 @@ def evaluate(method: Method, tasks: Sequence[Any], ks: Sequence[int] = DEFAULT_K
     device = torch.device(device)
     acc = MetricAccumulator(check_ks(ks))
     start = time.perf_counter()
-    bar = tqdm(total=len(tasks), desc=desc or f"evaluate {method.name}", unit="scen", disable=not progress,
-               leave=False)
-    for index, group in enumerate(plan_blocks(tasks, block_size)):
-        block = make_block(group).to(device)
-        state = method.adapt(group, block_generator(seed, index, device))
+    blocks = plan_blocks(tasks, block_size)
+    mine = distributed.shard_indices(len(blocks), group)
+    bar = tqdm(total=sum(len(blocks[i]) for i in mine), desc=desc or f"evaluate {method.name}", unit="scen",
+               disable=not progress or not group.is_writer, leave=False)
+    sums = []   # (block index, per-chunk metric sums): pooled in block order below
+    for index in mine:
+        block = make_block(blocks[index]).to(device)
+        state = method.adapt(blocks[index], block_generator(seed, index, device))
         n_scen, n_users, n_items = block.relevance.shape
         chunk = max(1, max_pairs // max(1, n_scen * n_items))
+        chunks = []
         with torch.no_grad():
             for lo in range(0, n_users, chunk):
                 hi = min(n_users, lo + chunk)
                 scores = method.score(state, block.users[:, lo:hi], block.items)
-                acc.add(scores, block.relevance[:, lo:hi], block.user_mask[:, lo:hi], block.item_mask)
-        bar.update(len(group))
+                chunks.append(topk_metric_sums(scores, block.relevance[:, lo:hi], acc.ks, block.user_mask[:, lo:hi],
+                                               block.item_mask))
+        sums.append((index, chunks))
+        bar.update(len(blocks[index]))
     bar.close()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+    if group.active:
+        sums = sorted((entry for rank_sums in distributed.gather_objects(sums, group) for entry in rank_sums),
+                      key=lambda entry: entry[0])
+    for _, chunks in sums:   # the single-process order of additions: the same floating-point sums
+        for chunk_sums in chunks:
+            acc.add_sums(chunk_sums)
     # acc.count = (scenario, user) pairs with at least one evaluation positive: the pooled population.
     return {"metrics": acc.result(), "n_scenarios": len(tasks), "n_users": acc.count,
             "seconds": time.perf_counter() - start}

@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from ..errors import CheckpointError, TrainingError
 from ..models import MODELS
-from . import checkpoint
+from . import checkpoint, distributed
 from .graphs import GraphedInnerLoop
 from .host import training_host
 from .learner import MetaLearner
@@ -198,11 +198,17 @@ class MetaTrainer:
             memory (:func:`s2meta_fast.meta.host.keep_freed_memory`): a CPU meta-step no longer
             faults its few hundred MB of saved states back in (docs/performance.md). Process-wide
             and never undone, hence off by default; ``s2meta`` turns it on.
+        group: the :class:`~s2meta_fast.meta.distributed.Group` of a torchrun launch: each rank
+            adapts its share of every meta-batch and the meta-gradients are averaged over ranks
+            (docs/distributed.md); only rank 0 writes checkpoints and shows progress. Default:
+            one process.
     """
 
     def __init__(self, learner: MetaLearner, sampler, train_scenarios, cfg: TrainConfig = TrainConfig(),
                  out_dir: str | Path = "checkpoints", validate: Optional[Callable[[MetaLearner], float]] = None,
-                 keep_freed_memory: bool = False):
+                 keep_freed_memory: bool = False, group: distributed.Group = distributed.SINGLE):
+        distributed.check_divisible(cfg.meta_batch, group)
+        self.group = group
         self.learner, self.sampler, self.train_scenarios, self.cfg = learner, sampler, train_scenarios, cfg
         self.out_dir = Path(out_dir)
         self.validate = validate
@@ -258,6 +264,9 @@ class MetaTrainer:
     def save(self, name: str = LAST) -> Path:
         if name == LAST:
             self._saved_step = self.step
+        if not self.group.is_writer:
+            return self.out_dir / name
+        if name == LAST:
             return checkpoint.rotate_save(self.state_dict(), self.out_dir / name, self.cfg.keep_checkpoints)
         return checkpoint.save_atomic(self.state_dict(), self.out_dir / name)
 
@@ -266,23 +275,34 @@ class MetaTrainer:
         return checkpoint.series(self.out_dir / LAST, self.cfg.keep_checkpoints) + [self.out_dir / BEST]
 
     def _resume(self) -> None:
-        """Continues from the newest intact checkpoint, saying which damaged ones were passed over."""
-        files = self.checkpoint_files()
-        path, state, damaged = checkpoint.newest_intact(files, map_location="cpu")
-        if path is None and not damaged:
+        """Continues from the newest intact checkpoint, saying which damaged ones were passed over.
+
+        Rank 0 reads and checks it and hands the state (or the error) to every rank, so all ranks
+        resume from the same checkpoint.
+        """
+        def read():
+            files = self.checkpoint_files()
+            path, state, damaged = checkpoint.newest_intact(files, map_location="cpu")
+            if path is None and not damaged:
+                return None
+            if path is None:
+                raise CheckpointError(f"cannot resume: no intact checkpoint in {self.out_dir}: "
+                                      + "; ".join(reason for _, reason in damaged)
+                                      + ". Delete them to start over, or start a new run without --resume")
+            diffs = checkpoint_differences(state, self.learner)
+            if diffs:
+                raise CheckpointError(f"cannot resume from {path}: it was written with other settings: "
+                                      f"{', '.join(diffs)}; resume with the same settings or start a new run")
+            if damaged:
+                log.warning("%s; resuming from %s (meta-step %d), the newest intact checkpoint",
+                            "; ".join(reason for _, reason in damaged), path, state["step"])
+            return str(path), state
+
+        found = distributed.from_writer(read, self.group)
+        if found is None:
             self._info("no checkpoint in %s; starting from scratch", self.out_dir)
             return
-        if path is None:
-            raise CheckpointError(f"cannot resume: no intact checkpoint in {self.out_dir}: "
-                                  + "; ".join(reason for _, reason in damaged)
-                                  + ". Delete them to start over, or start a new run without --resume")
-        diffs = checkpoint_differences(state, self.learner)
-        if diffs:
-            raise CheckpointError(f"cannot resume from {path}: it was written with other settings: "
-                                  f"{', '.join(diffs)}; resume with the same settings or start a new run")
-        if damaged:
-            log.warning("%s; resuming from %s (meta-step %d), the newest intact checkpoint",
-                        "; ".join(reason for _, reason in damaged), path, state["step"])
+        path, state = found
         self.load_state_dict(state)
         self._info("resumed from %s at meta-step %d", path, self.step)
 
@@ -305,7 +325,8 @@ class MetaTrainer:
             self._resume()
         running: Dict[str, float] = {"loss": 0.0, "query": 0.0, "reinforce": 0.0, "steps": 0.0, "n": 0}
         params = [p for p in self.learner.parameters() if p.requires_grad]
-        bar = tqdm(total=meta_steps, initial=self.step, disable=cfg.quiet, desc="meta-train", unit="step")
+        bar = tqdm(total=meta_steps, initial=self.step, disable=cfg.quiet or not self.group.is_writer,
+                   desc="meta-train", unit="step")
         try:
             with training_host(self.device, keep_memory=self.keep_freed_memory):
                 self._train_until(meta_steps, running, params, bar)
@@ -313,6 +334,7 @@ class MetaTrainer:
             bar.close()
         if self._saved_step != self.step:   # a periodic save at the last step already holds this state
             self.save()
+        distributed.barrier(self.group)   # the final checkpoint is on disk before any rank reads it
         return {"step": self.step, "best_score": self.best_score, "history": self.history}
 
     def _train_until(self, meta_steps: int, running: Dict[str, float], params, bar) -> None:
@@ -320,7 +342,16 @@ class MetaTrainer:
         while self.step < meta_steps:
             batch = self.sampler.train_batch(self.train_scenarios, cfg.meta_batch).to(self.device)
             noise = self.learner.draw_noise(batch, self.generator)
+            if self.group.active:   # every rank drew the whole batch; it adapts its slice
+                mine = distributed.share(cfg.meta_batch, self.group)
+                batch, noise = distributed.select_scenarios(batch, mine), noise.select(mine)
             terms = self.step_fn(batch, noise)
+            if self.group.active:
+                stats = torch.stack([terms.total, terms.query_loss.mean(), terms.reinforce.mean(),
+                                     terms.steps.to(terms.total.dtype).mean()])
+                stats = distributed.average_gradients(params, stats, self.group)
+                terms = dataclasses.replace(terms, total=stats[0], query_loss=stats[1:2], reinforce=stats[2:3],
+                                            steps=stats[3:4])   # the global batch's means, for the log
             if self._finite(terms.total, params):
                 self.nonfinite_streak = 0
                 torch.nn.utils.clip_grad_value_(params, cfg.grad_clip)
@@ -378,5 +409,5 @@ class MetaTrainer:
             self.save()
 
     def _info(self, message: str, *args) -> None:
-        if not self.cfg.quiet:
+        if not self.cfg.quiet and self.group.is_writer:
             log.info(message, *args)
