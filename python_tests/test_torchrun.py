@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from s2meta_fast.app.transaction import STAGING
+
 from s2meta_fast.data.synthetic import write_raw
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -65,7 +67,8 @@ def test_killed_worker_restarts_resumes_and_ends_like_an_uninterrupted_run(datas
     killed = tmp_path / "killed"
     process = torchrun(killed, dataset, restarts=1)
     deadline = time.monotonic() + 240
-    while not (killed / "checkpoint.pt").exists():   # the first checkpoint: meta-step 4
+    # the first checkpoint (meta-step 4), in the staging folder a run works in until it commits
+    while not (killed / STAGING / "checkpoint.pt").exists():
         assert process.poll() is None and time.monotonic() < deadline, "the run ended before its first checkpoint"
         time.sleep(0.005)
     os.kill(worker_of_rank(process.pid, 1), signal.SIGKILL)
