@@ -236,7 +236,10 @@ class AdaptedScenario:
         values = _as_list(users, "users")
         if values.size == 0:
             raise InputError("users: no user to recommend for")
-        values = pd.unique(values) if values.dtype == object else values[np.sort(np.unique(values, return_index=True)[1])]
+        if values.dtype == object:
+            values = pd.unique(values)
+        else:
+            values = values[np.sort(np.unique(values, return_index=True)[1])]
         return values, self._rec._users.rows(values)
 
     def _exclusion(self, exclude: Any, user_rows: np.ndarray, values: np.ndarray) -> Optional[Tensor]:
@@ -557,7 +560,7 @@ class Recommender:
             if unknown.size:
                 if on_unknown == "error":
                     raise UnknownIdError(argument, values[unknown].tolist(), unknown.tolist(), "item",
-                                         "pass on_unknown='drop' (--on-unknown drop) to leave them out")
+                                         "pass on_unknown='drop' to leave them out")
                 candidates_dropped = values[unknown].tolist()
             pool_parts.append(c_rows[c_rows >= 0])
         pool, inverse = np.unique(np.concatenate(pool_parts), return_inverse=True)
