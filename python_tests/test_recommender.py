@@ -435,20 +435,20 @@ def test_recommend_command_errors_name_the_file_and_line(rec, model_path, tmp_pa
     items = _write(tmp_path / "items.csv", f"item_id\n{rec.item_ids[0]}\n\nmystery\n")
     out = str(tmp_path / "recs.csv")
     base = ["recommend", "--model", model_path, "--users", users, "--out", out]
-    assert cli.main(base + ["--support", sup, "--candidates", items]) == cli.EXIT_FAILURE
+    assert cli.main(base + ["--support", sup, "--candidates", items]) == cli.EXIT_USAGE
     err = capsys.readouterr().err
     assert f"{items}: 1 unknown item id(s): 'mystery'" in err and "line(s) 4; pass --on-unknown drop" in err
     assert not os.path.exists(out)
     assert cli.main(base + ["--support", sup, "--candidates", items, "--on-unknown", "drop"]) == 0
     assert "1 unknown candidates dropped" in capsys.readouterr().out
 
-    assert cli.main(base + ["--support", users]) == cli.EXIT_FAILURE
+    assert cli.main(base + ["--support", users]) == cli.EXIT_USAGE
     assert "expected column(s) user_id, item_id in the header row, got user_id" in capsys.readouterr().err
-    assert cli.main(base + ["--support", str(tmp_path / "absent.csv")]) == cli.EXIT_FAILURE
+    assert cli.main(base + ["--support", str(tmp_path / "absent.csv")]) == cli.EXIT_USAGE
     assert "absent.csv' does not exist" in capsys.readouterr().err
-    assert cli.main(["recommend", "--model", sup, "--support", sup, "--users", users, "--out", out]) == cli.EXIT_FAILURE
+    assert cli.main(["recommend", "--model", sup, "--support", sup, "--users", users, "--out", out]) == cli.EXIT_USAGE
     assert "not an s2meta_fast model file" in capsys.readouterr().err
-    assert cli.main(base[:-1] + [str(tmp_path / "recs.txt"), "--support", sup]) == cli.EXIT_FAILURE
+    assert cli.main(base[:-1] + [str(tmp_path / "recs.txt"), "--support", sup]) == cli.EXIT_USAGE
     assert "unknown extension .txt" in capsys.readouterr().err
     assert cli.main(base + ["--support", sup, "--k", "0"]) == cli.EXIT_USAGE
 
@@ -461,18 +461,18 @@ def test_recommend_command_writes_parquet_or_says_what_it_needs(rec, model_path,
     try:
         import pyarrow  # noqa: F401
     except ImportError:
-        assert code == cli.EXIT_FAILURE and "needs pyarrow or fastparquet" in capsys.readouterr().err
+        assert code == cli.EXIT_USAGE and "needs pyarrow or fastparquet" in capsys.readouterr().err
         assert not os.listdir(tmp_path) == [] and not os.path.exists(out)
         return
     assert code == 0 and len(pd.read_parquet(out)) == 3
 
 
 def test_export_command_errors(tmp_path, capsys):
-    assert cli.main(["export", "--run", str(tmp_path), "--out", str(tmp_path / "m.s2m")]) == cli.EXIT_FAILURE
+    assert cli.main(["export", "--run", str(tmp_path), "--out", str(tmp_path / "m.s2m")]) == cli.EXIT_USAGE
     assert "no trained meta learner in" in capsys.readouterr().err
     os.makedirs(tmp_path / "run")
     open(tmp_path / "run" / "best.pt", "wb").close()
-    assert cli.main(["export", "--run", str(tmp_path / "run"), "--out", str(tmp_path / "m.s2m")]) == cli.EXIT_FAILURE
+    assert cli.main(["export", "--run", str(tmp_path / "run"), "--out", str(tmp_path / "m.s2m")]) == cli.EXIT_USAGE
     assert "config.yaml' is missing" in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "m.s2m")
 

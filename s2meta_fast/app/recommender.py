@@ -512,7 +512,7 @@ class Recommender:
         from .run_folder import checkpoint_and_config
         from .stages import build_learner, prepare_data
 
-        overrides: Dict[str, Any] = {"device": "cpu", "resume": False, "quiet": True}
+        overrides: Dict[str, Any] = {"device": "cpu", "resume": False}
         if fused is not None:
             overrides["fused"] = bool(fused)
         checkpoint, cfg = checkpoint_and_config(os.fspath(checkpoint or run_dir), overrides)
