@@ -98,6 +98,26 @@ def test_round_trip_in_a_fresh_process_gives_the_same_top_k_and_scores(rec, mode
     assert got["steps"] == scen.steps
 
 
+def test_adapt_matches_the_evaluation_of_the_run(rec, run_dir):
+    """The Recommender adapts and scores a meta-test scenario exactly as `s2meta evaluate` does."""
+    from s2meta_fast.app import run_folder, stages
+    from s2meta_fast.eval.baselines import S2Meta
+
+    checkpoint, cfg = run_folder.checkpoint_and_config(run_dir, {"device": "cpu", "resume": False})
+    prepared = stages.prepare_data(cfg)
+    learner = stages.load_learner(cfg, prepared, checkpoint)
+    task = stages.eval_tasks(prepared, "test", cfg.run.seed)[0]
+    theta = S2Meta(learner, stop="fixed").adapt([task], torch.Generator().manual_seed(21))
+    users, items = np.asarray(prepared.user_ids), np.asarray(prepared.item_ids)
+    support = list(zip(users[task.support_users].tolist(), items[task.support_items].tolist()))
+    scen = rec.adapt(support, items[task.items].tolist(), stop="fixed", seed=21)
+    assert scen.candidates == items[task.items].tolist()
+    torch.testing.assert_close(scen.theta, theta[0], rtol=0, atol=0)
+    expected = learner.scores(theta, torch.from_numpy(task.eval_users[None]), torch.from_numpy(task.items[None]))[0]
+    got = scen.score(users[task.eval_users].tolist())["score"].to_numpy().reshape(expected.shape)
+    np.testing.assert_allclose(got, expected.numpy(), rtol=1e-6, atol=1e-6)
+
+
 def test_loaded_model_equals_the_run_it_was_exported_from(rec, model_path):
     loaded = Recommender.load(model_path)
     assert loaded.user_ids == rec.user_ids and loaded.item_ids == rec.item_ids
