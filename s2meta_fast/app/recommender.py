@@ -33,7 +33,6 @@ from ..models import build_model
 from . import model_file
 
 ON_UNKNOWN = ("error", "drop")
-COLUMNS = ["user_id", "item_id", "score", "rank", "fallback"]
 _SHOWN = 5   # unknown ids quoted in a message
 
 
