@@ -54,6 +54,9 @@ timeout 100 "$PY" benchmarks/studies/throughput.py --device cuda --batches 1,8,6
 step "evaluation throughput"
 timeout 60 "$PY" benchmarks/studies/eval_throughput.py --device cuda --blocks 1,8,64 --json "$OUT_DIR/eval.json"
 
+step "serving latency: adapt + rank one new scenario"
+timeout 90 "$PY" benchmarks/studies/serving_latency.py --device cuda --json "$OUT_DIR/serving.json"
+
 [ "${1:-}" = quick ] && { step "quick: done"; exit 0; }
 
 step "compute-sanitizer racecheck + synccheck"

@@ -110,3 +110,47 @@ def make_eval_learner(fused: bool, device: str) -> MetaLearner:
     model = build_model("interaction", DIM, fused=fused)
     cfg = MetaConfig(fused=fused, stop="fixed", steps=20)
     return MetaLearner(model, user_emb, item_emb, cfg).to(device)
+
+
+# --------------------------------------------------------------------------------------------
+# serving: one new scenario = 64 support pairs, 1,000 candidates, 100 users to rank them for
+
+CANDIDATES, SERVE_USERS, SERVE_K, SERVE_STEPS = 1000, 100, 20, 20
+
+
+def make_recommender(fused: bool, device: str):
+    """A Recommender over the workload's embeddings, raw ids unlike row numbers (as in data files).
+
+    Untrained (latency does not depend on the weights); ``stop="fixed"`` with 20 steps, the most
+    the default inner loop runs, so every path does the same work.
+    """
+    from s2meta_fast import Recommender
+
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(1)
+    user_emb = torch.randn(N_USERS, DIM, generator=gen) * 0.3
+    item_emb = torch.randn(N_ITEMS, DIM, generator=gen) * 0.3
+    model = build_model("interaction", DIM, fused=fused)
+    learner = MetaLearner(model, user_emb, item_emb, MetaConfig(fused=fused, stop="fixed", steps=SERVE_STEPS))
+    popularity = torch.randint(0, 100, (N_ITEMS,), generator=gen)
+    return Recommender(learner, [1000 + 7 * u for u in range(N_USERS)], [50_000 + 3 * i for i in range(N_ITEMS)],
+                       popularity, default_stop="fixed").to(device)
+
+
+def make_requests(n: int, seed: int = 0) -> list:
+    """n (support pairs, candidate ids, user ids) requests in raw ids."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        items = 50_000 + 3 * rng.choice(N_ITEMS, CANDIDATES, replace=False)
+        users = 1000 + 7 * rng.choice(N_USERS, SERVE_USERS, replace=False)
+        support = list(zip((1000 + 7 * rng.choice(N_USERS, SUPPORT)).tolist(), rng.choice(items, SUPPORT).tolist()))
+        out.append((support, items.tolist(), users.tolist()))
+    return out
+
+
+def serve(rec, request, seed: int):
+    """One request: adapt to the support pairs, then each user's top-K among the candidates."""
+    support, candidates, users = request
+    scenario = rec.adapt(support, candidates, seed=seed)
+    return scenario, scenario.recommend(users, k=SERVE_K)

@@ -23,6 +23,7 @@ EXPECTED = {
     "bench_hinge_score.py": 46,      # hinge fwd+bwd: 4 sizes x 5 impls x 2 devices; score_matrix: 3 x 2
     "bench_meta_step.py": 12,        # 3 impls x 2 meta-batch sizes x 2 devices
     "bench_eval.py": 8,              # 2 impls x 2 block sizes x 2 devices
+    "bench_recommend.py": 8,         # request: 2 impls x 2 devices; 64 scenarios: adapt_many / single x 2 devices
 }
 # The ops whose comparison includes torch.compile of the reference; the meta-step and evaluation
 # compare fused with reference only (their docstrings say why).

@@ -1,4 +1,4 @@
-"""``s2meta`` / ``python -m s2meta_fast``: prepare, train, evaluate, run, plot.
+"""``s2meta`` / ``python -m s2meta_fast``: prepare, train, evaluate, run, plot, export, recommend.
 
 Every configuration option (s2meta_fast.config) is a flag of the same name with dashes; a YAML
 file given by ``--config`` supplies defaults that flags override, above the preset (``--preset``,
@@ -36,6 +36,8 @@ COMMANDS = {
     "run": ("prepare + train + evaluate every method; writes results.json/.md in --out",
             ("data", "meta", "train", "eval", "run")),
     "plot": ("draw the paper's Fig. 2 (one scenario's inner loop) from a checkpoint", ()),
+    "export": ("write a run's trained meta learner as one self-contained model file", ()),
+    "recommend": ("adapt a model file to a new scenario's support pairs and write top-K lists", ()),
 }
 
 # The preset a command line starts from unless --preset or the config file names another.
@@ -108,6 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
             cmd.add_argument("--device", choices=config_mod.DEVICES, default=None)
             cmd.add_argument("--k", type=int, default=20, help="cut-off of the test recall curve")
             cmd.add_argument("--quiet", action="store_true")
+            continue
+        if name in MODEL_COMMANDS:
+            _add_model_command_args(cmd, name)
             continue
         _add_sections(cmd, sections)
         if name == "evaluate":
@@ -203,6 +208,53 @@ def cmd_plot(args: argparse.Namespace) -> None:
           f"{figure.recall_before:.4f} -> {figure.recall_after:.4f}")
 
 
+def _add_model_command_args(cmd: argparse.ArgumentParser, name: str) -> None:
+    from .app.recommender import ON_UNKNOWN
+    from .meta.meta_config import STOP_MODES
+    if name == "export":
+        cmd.add_argument("--run", required=True, metavar="RUN_DIR", help="a finished `s2meta train` / `run` folder")
+        cmd.add_argument("--out", required=True, metavar="MODEL", help="the model file to write")
+        cmd.add_argument("--checkpoint", metavar="PATH", default=None,
+                         help="meta learner checkpoint (default: RUN_DIR/best.pt, else RUN_DIR/checkpoint.pt)")
+        return
+    cmd.add_argument("--model", required=True, metavar="MODEL", help="a model file from `s2meta export`")
+    cmd.add_argument("--support", required=True, metavar="FILE",
+                     help="the scenario's support pairs: CSV (header user_id,item_id) or Parquet")
+    cmd.add_argument("--users", required=True, metavar="FILE", help="users to recommend for (column user_id)")
+    cmd.add_argument("--candidates", metavar="FILE", default=None,
+                     help="the scenario's items (column item_id); the support's items are always candidates")
+    cmd.add_argument("--k", type=int, default=20, help="list length per user (default: 20)")
+    cmd.add_argument("--out", required=True, metavar="FILE",
+                     help="recommendations: .csv, .parquet or .jsonl by extension; - for JSON lines on stdout")
+    cmd.add_argument("--stop", choices=STOP_MODES, default=None, help="inner-loop stop rule (default: the model's)")
+    cmd.add_argument("--seed", type=int, default=0, help="seed of the inner loop's draws (default: 0)")
+    cmd.add_argument("--on-unknown", choices=ON_UNKNOWN, default="error",
+                     help="an unknown candidate item: an error naming it (default) or dropped")
+    cmd.add_argument("--exclude-support", action="store_true", help="leave each user's own support items out")
+    cmd.add_argument("--device", choices=config_mod.DEVICES, default="cpu")
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    rec = app.export(args.run, args.out, checkpoint=args.checkpoint)
+    print(f"wrote {args.out}: {rec.kind} d={rec.embed_dim}, {len(rec.user_ids)} users, {len(rec.item_ids)} items, "
+          f"meta-step {rec.info.get('meta_step')} of {args.run} ({os.path.getsize(args.out) / 1e6:.1f} MB)")
+
+
+def cmd_recommend(args: argparse.Namespace) -> None:
+    done = app.recommend(args.model, args.support, args.users, args.out, candidates=args.candidates, k=args.k,
+                         stop=args.stop, seed=args.seed, on_unknown=args.on_unknown,
+                         exclude_support=args.exclude_support, device=args.device, stream=sys.stdout)
+    scen = done.scenario
+    dropped = f", {len(scen.candidates_dropped)} unknown candidates dropped" if scen.candidates_dropped else ""
+    print(f"s2meta recommend: {scen.n_support} support pairs used, {scen.n_dropped} dropped "
+          f"({scen.dropped_unknown_user} unknown user, {scen.dropped_unknown_item} unknown item){dropped}, "
+          f"{scen.steps} inner steps ({scen.stop}), {len(scen.candidates)} candidates, {done.n_users} users "
+          f"({done.n_fallback_users} without embedding: ItemPop), {len(done.frame)} rows -> {args.out}; "
+          f"adapt + rank {done.serve_seconds * 1e3:.1f} ms, load {done.load_seconds * 1e3:.0f} ms",
+          file=sys.stderr if args.out == "-" else sys.stdout)
+
+
+MODEL_COMMANDS = {"export": cmd_export, "recommend": cmd_recommend}
 HANDLERS = {"prepare": cmd_prepare, "train": cmd_train, "evaluate": cmd_evaluate, "run": cmd_run}
 
 
@@ -222,6 +274,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.command == "plot":
             _setup_logging(args.quiet)
             cmd_plot(args)
+            return 0
+        if args.command in MODEL_COMMANDS:
+            _setup_logging(True)
+            MODEL_COMMANDS[args.command](args)
             return 0
         cfg = resolve_config(args)
         _setup_logging(cfg.run.quiet)

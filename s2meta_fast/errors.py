@@ -30,8 +30,19 @@ class RunFolderError(S2MetaError, FileNotFoundError):
     config.yaml), is a file or not writable, or another run holds its lock."""
 
 
+class InputError(S2MetaError, ValueError):
+    """An input of a command or library call cannot be used: a table without the expected columns,
+    ids the model does not know where that is an error, no usable row."""
+
+
+class ModelFileError(S2MetaError, ValueError):
+    """A model file cannot be loaded: missing, truncated, corrupt, from a newer format version, or
+    not a model file at all."""
+
+
 class TrainingError(S2MetaError, RuntimeError):
     """Meta-training cannot go on (e.g. the meta-loss stays non-finite); the last checkpoint is intact."""
 
 
-__all__ = ["CheckpointError", "ConfigError", "DataError", "RunFolderError", "S2MetaError", "TrainingError"]
+__all__ = ["CheckpointError", "ConfigError", "DataError", "InputError", "ModelFileError", "RunFolderError",
+           "S2MetaError", "TrainingError"]

@@ -1,12 +1,13 @@
-"""The application: prepare → meta-train → evaluate → plot over a run folder.
+"""The application: prepare → meta-train → evaluate → plot over a run folder, then export and recommend.
 
 The layer above the libraries (data, ops, models, meta, eval) and the configuration, below the
 command line: :mod:`.commands` is what each ``s2meta`` command does, :mod:`.stages` the steps
-they chain, :mod:`.run_folder` what they read and write in ``--out``.
+they chain, :mod:`.run_folder` what they read and write in ``--out``, :mod:`.recommender` a
+trained meta learner serving new scenarios and :mod:`.model_file` its portable file.
 """
 from . import run_folder, stages
-from .commands import Figure, evaluate, plot, prepare, run, train
+from .commands import Figure, Recommendations, evaluate, export, plot, prepare, recommend, run, train
 from .stages import eval_tasks, load_learner, prepare_data
 
-__all__ = ["Figure", "eval_tasks", "evaluate", "load_learner", "plot", "prepare", "prepare_data", "run", "run_folder",
-           "stages", "train"]
+__all__ = ["Figure", "Recommendations", "eval_tasks", "evaluate", "export", "load_learner", "plot", "prepare",
+           "prepare_data", "recommend", "run", "run_folder", "stages", "train"]

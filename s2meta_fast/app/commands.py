@@ -10,7 +10,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass
-from typing import Any, Dict, Iterator, Mapping, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Dict, Iterator, Mapping, Optional, Tuple
 
 from ..config import Config
 from ..data import PreparedData, support_batch
@@ -23,6 +23,9 @@ from . import run_folder
 from .transaction import STAGING
 from .stages import (check_device, check_ranks_agree, eval_tasks, evaluate_methods, load_learner, prepare_data,
                      train_meta)
+
+if TYPE_CHECKING:
+    from .recommender import Recommender
 
 log = logging.getLogger("s2meta_fast")
 
@@ -184,4 +187,60 @@ def plot(checkpoint: str, scenario: str, png: str, overrides: Mapping[str, Any],
                   record["test_recall"][record["steps"]])
 
 
-__all__ = ["Figure", "evaluate", "plot", "prepare", "run", "train"]
+def export(run_dir: str, out: str, checkpoint: Optional[str] = None) -> "Recommender":
+    """Writes the trained meta learner of a run folder as one model file; returns its recommender."""
+    from .recommender import Recommender
+    rec = Recommender.from_run(run_dir, checkpoint=checkpoint)
+    rec.save(out)
+    return rec
+
+
+@dataclass(frozen=True)
+class Recommendations:
+    """What :func:`recommend` did: the rows it wrote and how the scenario was adapted."""
+
+    frame: Any                 # DataFrame[user_id, item_id, score, rank, fallback]
+    scenario: Any              # the AdaptedScenario
+    n_users: int               # distinct users asked for
+    n_fallback_users: int      # of them, users without an embedding (ranked by ItemPop)
+    load_seconds: float        # model file and input tables
+    serve_seconds: float       # adapt + rank
+
+
+def recommend(model: str, support: str, users: str, out: str, *, candidates: Optional[str] = None, k: int = 20,
+              stop: Optional[str] = None, seed: Optional[int] = 0, on_unknown: str = "error",
+              exclude_support: bool = False, device: str = "cpu", stream: Any = None) -> Recommendations:
+    """Adapts a model file to the support pairs of a file and writes each user's top `k` to `out`.
+
+    `out` is .csv, .parquet or .jsonl by extension, or ``-`` for JSON lines on `stream`. An unknown
+    candidate is an error naming its file line unless ``on_unknown="drop"`` (docs/recommend.md).
+    """
+    from .recommender import Recommender, UnknownIdError, read_table, write_table
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ConfigError(f"--k must be a positive int, got {k!r}")
+    if seed is not None and seed < 0:
+        raise ConfigError(f"--seed must be a non-negative int, got {seed}")
+    check_device(device)
+    start = time.perf_counter()
+    rec = Recommender.load(model, device=device)
+    support_table = read_table(support, ("user_id", "item_id"))
+    user_table = read_table(users, ("user_id",))
+    candidate_table = read_table(candidates, ("item_id",)) if candidates else None
+    loaded = time.perf_counter()
+    try:
+        scenario = rec.adapt(support_table.frame, None if candidate_table is None else candidate_table.frame["item_id"],
+                             stop=stop, seed=seed, on_unknown=on_unknown)
+    except UnknownIdError as error:
+        lines = candidate_table.line_of(error.positions[:5])
+        raise UnknownIdError(candidates, error.ids, error.positions, "item",
+                             f"line(s) {', '.join(map(str, lines))}{', …' if len(error.ids) > 5 else ''}; pass "
+                             f"--on-unknown drop to leave them out") from None
+    frame = scenario.recommend(user_table.frame["user_id"], k=k, exclude="support" if exclude_support else None)
+    served = time.perf_counter()
+    write_table(frame, out, stream)
+    known = rec.known_users(user_table.frame["user_id"].drop_duplicates())
+    return Recommendations(frame, scenario, int(known.shape[0]), int((~known).sum()), loaded - start,
+                           served - loaded)
+
+
+__all__ = ["Figure", "Recommendations", "evaluate", "export", "plot", "prepare", "recommend", "run", "train"]

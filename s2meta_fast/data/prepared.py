@@ -117,6 +117,9 @@ def atomic_write(path: str, write) -> None:
     os.close(fd)
     try:
         write(tmp)
+        mask = os.umask(0)
+        os.umask(mask)
+        os.chmod(tmp, 0o666 & ~mask)   # the mode a plain open() gives, not mkstemp's 0600
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

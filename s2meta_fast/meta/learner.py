@@ -72,6 +72,7 @@ class AdaptOutput:
         updated: [L, S] float mask, 1 where step t updated θ (the non-stopping steps).
         query_losses: [L, S] detached query loss at θ⁽ᵗ⁾ before step t, when tracked.
         trajectory: the per-step record when ``record=True``.
+        support_loss: [L, S] detached support loss at θ⁽ᵗ⁾ before step t (None from a graphed loop).
     """
 
     theta: Tensor
@@ -80,6 +81,7 @@ class AdaptOutput:
     updated: Tensor
     query_losses: Optional[Tensor] = None
     trajectory: Optional[Trajectory] = None
+    support_loss: Optional[Tensor] = None
 
 
 @dataclass
@@ -245,7 +247,7 @@ class MetaLearner(nn.Module):
         state = self._update_state(n_scenarios) if self.update_controller is not None else None
         stop_state = self.stop_controller.initial_state(n_scenarios)
         active = torch.ones(n_scenarios, dtype=torch.bool, device=theta.device)
-        logits, masks, query_losses = [], [], []
+        logits, masks, query_losses, support_losses = [], [], [], []
         rec: Dict[str, List[Tensor]] = {k: [] for k in ("loss", "alpha", "beta", "theta", "query")}
 
         for t in range(n_steps):
@@ -280,6 +282,7 @@ class MetaLearner(nn.Module):
             theta = torch.where(go.unsqueeze(-1), new_theta, theta)
             active = go
             logits.append(logit)
+            support_losses.append(loss.detach())
             masks.append(go)
             if record:
                 rec["loss"].append(loss)
@@ -294,6 +297,7 @@ class MetaLearner(nn.Module):
             stop_logit=torch.stack(logits) if logits else theta.new_zeros(0, n_scenarios),
             updated=updated,
             query_losses=torch.stack(query_losses) if track_query and query_losses else None,
+            support_loss=torch.stack(support_losses) if support_losses else theta.new_zeros(0, n_scenarios),
         )
         if record:
             out.trajectory = self._trajectory(out, rec, stop, track_query and (q_users, q_pos, q_neg))
