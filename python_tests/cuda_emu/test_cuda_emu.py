@@ -1,7 +1,7 @@
 """The CUDA kernels' device code, executed on the CPU under the emulator and the sanitizers.
 
-build.py compiles csrc/ops/cuda/*.cu as host C++ (launchers and kernels as written, only the CUDA
-syntax mapped) with ASan + UBSan; worker.py runs every case of cases.py in one process started with
+emu_build.py compiles csrc/ops/cuda/*.cu as host C++ (launchers and kernels as written, only the CUDA
+syntax mapped) with ASan + UBSan; emu_worker.py runs every case of emu_cases.py in one process started with
 the ASan runtime preloaded, under two thread schedules, and these tests read its verdicts.
 """
 from __future__ import annotations
@@ -16,8 +16,8 @@ import pytest
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-import build  # noqa: E402
-import cases as C  # noqa: E402
+import emu_build as build  # noqa: E402
+import emu_cases as C  # noqa: E402
 
 pytestmark = pytest.mark.skipif(shutil.which(build.CXX) is None, reason=f"needs the host compiler {build.CXX}")
 
@@ -30,7 +30,7 @@ def library() -> Path:
 @pytest.fixture(scope="module")
 def verdicts(library, tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("cuda_emu") / "results.json"
-    done = subprocess.run([sys.executable, str(HERE / "worker.py"), str(library), str(out)],
+    done = subprocess.run([sys.executable, str(HERE / "emu_worker.py"), str(library), str(out)],
                           env=build.sanitizer_env(), capture_output=True, text=True, timeout=1200)
     if done.returncode != 0:
         ran = json.loads(out.read_text())["cases"] if out.exists() else {}

@@ -1,5 +1,5 @@
 // Host emulation of the CUDA device-code dialect the kernels use, force-included (-include)
-// before every kernel file the harness compiles as host C++ (see build.py).
+// before every kernel file the harness compiles as host C++ (see emu_build.py).
 //
 // Model: a launch runs its blocks one after another; each CUDA thread of a block is a fiber
 // with its own threadIdx. A fiber runs until it reaches __syncthreads() or returns; when every
@@ -30,7 +30,7 @@
 #define __noinline__
 #define __launch_bounds__(...)
 #define __align__(n) alignas(n)
-// Every __shared__ declaration is rewritten by build.py; one that slipped through must not compile.
+// Every __shared__ declaration is rewritten by emu_build.py; one that slipped through must not compile.
 #define __shared__ S2META_EMU_ERROR_unrewritten___shared___declaration
 #define __constant__ S2META_EMU_ERROR___constant___memory_is_not_modelled
 

@@ -1,8 +1,8 @@
 """Runs every emulated-kernel case in one sanitized process and writes the outcomes as JSON.
 
-Started by test_cuda_emu.py with the ASan runtime preloaded (build.sanitizer_env); a sanitizer
+Started by test_cuda_emu.py with the ASan runtime preloaded (emu_build.sanitizer_env); a sanitizer
 finding aborts this process, which the tests report with its stderr.
-Usage: python worker.py LIBRARY OUT.json
+Usage: python emu_worker.py LIBRARY OUT.json
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import cases as C  # noqa: E402
+import emu_cases as C  # noqa: E402
 
 
 def configure(case: C.Case, schedule: str, seed: int = 0) -> None:

@@ -13,7 +13,7 @@ an off-by-one tail) switched on at run time, to show that the harness catches th
 The library is built with AddressSanitizer and UndefinedBehaviorSanitizer, so it must be loaded into a
 process started with the ASan runtime preloaded (see ``sanitizer_env``).
 
-Usage: python python_tests/cuda_emu/build.py  -> prints the path of the built library.
+Usage: python python_tests/cuda_emu/emu_build.py  -> prints the path of the built library.
 """
 from __future__ import annotations
 
@@ -131,7 +131,7 @@ def rewrite(name: str, text: str) -> str:
             count = text.count(anchor)
             if count != 1:
                 raise ValueError(f"mutant {mutant}: expected its anchor once in {file}, found it {count} times; "
-                                 "update MUTANTS in python_tests/cuda_emu/build.py")
+                                 "update MUTANTS in python_tests/cuda_emu/emu_build.py")
             if broken.count("\n") != anchor.count("\n"):
                 raise ValueError(f"mutant {mutant} changes the line count")
             text = text.replace(anchor, broken)

@@ -1,7 +1,7 @@
 """What the emulated CUDA kernels are run on: every op and backward, against the reference twin.
 
 The shapes are those the GPU tests use, shrunk where a size only serves to reach a code path that
-a lowered grid cap (a knob, see build.py) reaches with less work. Each case returns a list of
+a lowered grid cap (a knob, see emu_build.py) reaches with less work. Each case returns a list of
 ``(name, got, want)`` comparisons, or raises; ``LIMIT_CASES`` must raise with the given message.
 Imported both by the pytest process (names only) and by the sanitized worker (which runs them).
 """
@@ -222,8 +222,9 @@ BY_NAME = {c.name: c for c in CASES}
 
 # fp64: the op tests' tolerances. fp32 is measured against the float64 truth: sums over thousands
 # of coordinates in the LSTM weight gradients and LayerNorm's rstd at small H reach a few 1e-5
-# absolute there (both schedules alike, so not a race); a broken kernel is off by O(1) or NaN.
-TOLERANCES = {torch.float64: tolerances(torch.float64), torch.float32: dict(rtol=1e-5, atol=1e-4)}
+# there, 1e-4 relative on values LayerNorm amplified to ~30 (the same bits under every thread
+# schedule, so not a race); a broken kernel is off by O(1) or NaN.
+TOLERANCES = {torch.float64: tolerances(torch.float64), torch.float32: dict(rtol=1e-4, atol=1e-4)}
 
 
 def compare(comparisons: List[Comparison], dtype: torch.dtype) -> Optional[str]:
