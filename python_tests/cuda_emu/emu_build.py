@@ -8,7 +8,8 @@ Each ``.cu`` file is copied with only the CUDA syntax mapped:
 Launchers, plans and kernel bodies are compiled as written. Two test hooks are woven in by name:
 *knobs* turn a few grid caps (``kMax...Blocks...``) into runtime-settable values so the tests reach the
 grid-stride paths with small inputs, and *mutants* are deliberately broken variants (a missing barrier,
-an off-by-one tail) switched on at run time, to show that the harness catches them.
+an off-by-one tail) switched on at run time, to show that the harness catches them; one more,
+``ignore_shared_optin``, lives in the emulated runtime (cudaFuncSetAttribute does nothing).
 
 The library is built with AddressSanitizer and UndefinedBehaviorSanitizer, so it must be loaded into a
 process started with the ASan runtime preloaded (see ``sanitizer_env``).
@@ -46,9 +47,9 @@ MUTANTS: Dict[str, Tuple[str, str, str]] = {
     # The forward reads the controller's weights before every thread has copied its share.
     "lstm_forward_missing_barrier": (
         "lstm_update_kernel.cu",
-        "load_controller(a, k, sw);\n  __syncthreads();\n  const int H = a.H;",
+        "load_controller(a, k, sw);\n  __syncthreads();\n  const int H",
         "load_controller(a, k, sw);\n  if (!::s2meta_emu::mutant(\"lstm_forward_missing_barrier\")) __syncthreads();\n"
-        "  const int H = a.H;"),
+        "  const int H"),
     # The backward's next tile overwrites the stash while other threads still sum the previous one.
     "lstm_backward_missing_barrier": (
         "lstm_update_kernel.cu",
@@ -67,11 +68,6 @@ MUTANTS: Dict[str, Tuple[str, str, str]] = {
         "const int64_t chunks = ::s2meta_emu::mutant(\"hinge_tail_off_by_one\") ? N / plan.triples\n"
         "                                                                      : (N + plan.triples - 1) / plan.triples;"
         " TORCH_CHECK(S <= 65535, \"hinge_score:"),
-    # The backward asks for > 48 KiB (fp64) without the opt-in attribute.
-    "lstm_backward_no_optin": (
-        "lstm_update_kernel.cu",
-        "allow_shared(lstm_backward_kernel<scalar_t, kMaxHiddenCuda>, smem);",
-        "if (!::s2meta_emu::mutant(\"lstm_backward_no_optin\")) allow_shared(lstm_backward_kernel<scalar_t, kMaxHiddenCuda>, smem);"),
 }
 
 

@@ -20,11 +20,7 @@ import emu_cases as C  # noqa: E402
 
 
 def configure(case: C.Case, schedule: str, seed: int = 0) -> None:
-    torch.ops.s2meta_emu_ctl.configure(schedule, seed, case.shared)
-    for name in ("kMaxForwardBlocksPerSegment", "kMaxBackwardBlocksPerSegment", "kMaxBackwardBlocks"):
-        torch.ops.s2meta_emu_ctl.set_knob(name, {"kMaxForwardBlocksPerSegment": 4096,
-                                                 "kMaxBackwardBlocksPerSegment": 128,
-                                                 "kMaxBackwardBlocks": 256}[name])
+    torch.ops.s2meta_emu_ctl.configure(schedule, seed, case.shared)  # also restores every knob
     for name, value in case.knobs.items():
         torch.ops.s2meta_emu_ctl.set_knob(name, value)
 

@@ -57,7 +57,8 @@ def test_limit_is_rejected_with_its_message(verdicts, name):
 
 @pytest.mark.parametrize("mutant", list(C.MUTANT_CASES))
 def test_broken_kernel_is_caught(verdicts, mutant):
-    """Each deliberately broken variant (build.MUTANTS) fails the comparison its case passes intact."""
+    """Each deliberately broken variant (emu_build.MUTANTS, and a dropped shared-memory opt-in) fails
+    the comparison its case passes intact."""
     case_name, dtype = C.MUTANT_CASES[mutant]
     assert all(verdicts["cases"][f"{case_name}|{dtype}|{s}"]["ok"] for s in C.SCHEDULES)
     outcome = verdicts["mutants"][mutant]
@@ -70,7 +71,7 @@ def test_missing_barrier_is_caught_under_every_schedule(verdicts):
 
 
 def test_launch_over_48k_without_opt_in_fails(verdicts):
-    detail = verdicts["mutants"]["lstm_backward_no_optin"]["forward"]["detail"]
+    detail = verdicts["mutants"]["ignore_shared_optin"]["forward"]["detail"]
     assert "no cudaFuncAttributeMaxDynamicSharedMemorySize opt-in" in detail, detail
 
 

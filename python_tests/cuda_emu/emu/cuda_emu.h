@@ -60,6 +60,14 @@ Builtins& builtins();
 #define gridDim (::s2meta_emu::builtins().grid_dim)
 constexpr int warpSize = 32;
 
+// Vector types with the device's size and alignment: a misaligned vector access, which faults on
+// the device, is a UBSan alignment error here.
+struct alignas(8) float2 { float x, y; };
+struct alignas(16) float4 { float x, y, z, w; };
+struct alignas(16) double2 { double x, y; };
+struct alignas(8) int2 { int x, y; };
+struct alignas(16) int4 { int x, y, z, w; };
+
 // ---- runtime types the launchers name ---------------------------------------------------
 struct CUstream_st;
 using cudaStream_t = CUstream_st*;

@@ -71,7 +71,7 @@ struct State {
   cudaError_t last_error = cudaSuccess;
   std::string error_detail;
   std::map<std::string, bool> mutants;
-  std::map<std::string, std::unique_ptr<int>> knobs;
+  std::map<std::string, std::pair<std::unique_ptr<int>, int>> knobs;  // value, the source's default
   int64_t launches = 0, blocks = 0, barriers = 0;
 
   // The block being run.
@@ -248,6 +248,7 @@ cudaError_t fail(cudaError_t e, const std::string& detail) {
 }  // namespace
 
 cudaError_t set_func_shared_optin(const void* kernel, int bytes) {
+  if (mutant("ignore_shared_optin")) return cudaSuccess;  // the launcher's opt-in goes missing
   if (bytes < 0 || static_cast<size_t>(bytes) > limits().shared_optin) {
     return fail(cudaErrorInvalidValue, "cudaFuncSetAttribute: " + std::to_string(bytes) +
                                            " bytes of dynamic shared memory exceed the device's opt-in limit of " +
@@ -354,8 +355,8 @@ bool mutant(const char* name) {
 
 const int& knob(const char* name, int fallback) {
   auto& slot = state().knobs[name];
-  if (!slot) slot.reset(new int(fallback));
-  return *slot;
+  if (!slot.first) slot = {std::make_unique<int>(fallback), fallback};
+  return *slot.first;
 }
 
 cudaError_t get_last_error() {
@@ -386,14 +387,15 @@ void configure(const std::string& schedule, int64_t seed, int64_t shared_optin_b
   limits().shared_optin = static_cast<size_t>(shared_optin_bytes);
   s.optin.clear();
   s.last_error = cudaSuccess;
+  for (auto& [name, slot] : s.knobs) *slot.first = slot.second;  // every grid cap back to the source's value
 }
 
 void set_mutant(const std::string& name, bool on) { state().mutants[name] = on; }
 
 void set_knob(const std::string& name, int64_t value) {
-  auto& slot = state().knobs[name];
-  TORCH_CHECK(slot, "cuda_emu: no knob named ", name, " (knobs are created when their file is loaded)");
-  *slot = static_cast<int>(value);
+  const auto it = state().knobs.find(name);
+  TORCH_CHECK(it != state().knobs.end(), "cuda_emu: no knob named ", name, " (knobs are created when their file is loaded)");
+  *it->second.first = static_cast<int>(value);
 }
 
 std::vector<int64_t> counters() {
