@@ -8,10 +8,10 @@ import pytest
 import torch
 
 import s2meta_fast
-from mlp_cases import make_embeddings
 from s2meta_fast.config import ConfigError, build_config
 from s2meta_fast.meta.update_controller import FastUpdateController
 from s2meta_fast.ops import limits
+from s2meta_fast.ops.sample_inputs import make_embeddings
 
 ROOT = Path(__file__).resolve().parents[2]
 needs_kernels = pytest.mark.skipif(not s2meta_fast.backend().cpu_kernels, reason="compiled CPU kernels not built")
