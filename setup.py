@@ -82,8 +82,9 @@ from torch.utils import cpp_extension  # noqa: E402
 from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
 
 # The stable-ABI floor: torch compiles a py_limited_api extension with -DPy_LIMITED_API set to its
-# own minimum CPython; the wheel's abi3 tag must name that same version.
-LIMITED_API = int(getattr(cpp_extension, "min_supported_cpython", "0x030A0000"), 16)
+# own minimum CPython (older torch sets none: then the running interpreter's); the wheel's abi3 tag
+# must name that same version.
+LIMITED_API = int(getattr(cpp_extension, "min_supported_cpython", f"0x03{sys.version_info.minor:02X}0000"), 16)
 ABI3_TAG = f"cp{LIMITED_API >> 24}{(LIMITED_API >> 16) & 0xFF}"
 
 with_cuda = _want_cuda(torch.version.cuda is not None, cuda_home)

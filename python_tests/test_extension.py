@@ -94,4 +94,3 @@ def test_cuda_home_without_a_toolkit_fails_the_build(tmp_path):
     assert done.returncode != 0
     assert f"CUDA_HOME={tmp_path} is not a CUDA toolkit root (missing include/cuda.h)" in done.stderr
     assert "S2META_CUDA=0" in done.stderr
-
