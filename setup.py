@@ -4,7 +4,8 @@ Build switches (environment variables):
   S2META_CUDA=0      CPU-only build, even when torch and a CUDA toolkit are present.
   FORCE_CUDA=1       compile the CUDA kernels even when no toolkit is auto-detected
                      (CUDA_HOME must then point at one).
-  CUDA_HOME          the toolkit root: the folder holding bin/nvcc and include/cuda.h.
+  CUDA_HOME          the toolkit root: the folder holding bin/nvcc and include/cuda.h; one that
+                     does not hold both is an error (unless S2META_CUDA=0).
   TORCH_CUDA_ARCH_LIST  GPU architectures; defaults to "8.0;9.0" when no GPU is visible.
   MAX_JOBS           parallel compile jobs (ninja).
 """
@@ -35,7 +36,15 @@ def _find_cuda_home() -> str | None:
     """
     explicit = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
     if explicit:
-        return explicit if _is_toolkit_root(explicit) else None
+        if _is_toolkit_root(explicit):
+            return explicit
+        if os.environ.get("S2META_CUDA", "") == "0":
+            return None  # a CPU-only build was asked for; the toolkit is not used
+        # A named toolkit that cannot be used must not quietly turn into a CPU-only build.
+        missing = [p for p in ("bin/nvcc", "include/cuda.h") if not (Path(explicit) / p).exists()]
+        sys.exit(f"s2meta_fast: CUDA_HOME={explicit} is not a CUDA toolkit root (missing {', '.join(missing)}); "
+                 "point CUDA_HOME at the folder holding bin/nvcc and include/cuda.h, or set S2META_CUDA=0 "
+                 "for a CPU-only build")
     candidates = ["/usr/local/cuda"] + sorted(glob.glob("/usr/local/cuda-*"), reverse=True)
     nvcc = shutil.which("nvcc")
     if nvcc:
@@ -69,7 +78,14 @@ if cuda_home:
     os.environ["CUDA_HOME"] = cuda_home  # must precede the import of torch.utils.cpp_extension
 
 import torch  # noqa: E402
+from torch.utils import cpp_extension  # noqa: E402
 from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
+
+# The stable-ABI floor: torch compiles a py_limited_api extension with -DPy_LIMITED_API set to its
+# own minimum CPython (older torch sets none: then the running interpreter's); the wheel's abi3 tag
+# must name that same version.
+LIMITED_API = int(getattr(cpp_extension, "min_supported_cpython", f"0x03{sys.version_info.minor:02X}0000"), 16)
+ABI3_TAG = f"cp{LIMITED_API >> 24}{(LIMITED_API >> 16) & 0xFF}"
 
 with_cuda = _want_cuda(torch.version.cuda is not None, cuda_home)
 if with_cuda and not os.environ.get("TORCH_CUDA_ARCH_LIST"):
@@ -93,6 +109,8 @@ cuda_sources = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").rglob("*
 cxx_flags = ["-O3", "-g0", "-fvisibility=hidden", "-fopenmp"]
 nvcc_flags = ["-O3", "-Xcompiler=-g0", "-lineinfo", "--expt-relaxed-constexpr"]
 macros = [("S2META_WITH_CUDA", "1")] if with_cuda else []
+if not hasattr(cpp_extension, "min_supported_cpython"):  # older torch leaves the define to us
+    macros.append(("Py_LIMITED_API", hex(LIMITED_API)))
 
 BUILD_INFO.write_text(
     "# Written by setup.py at build time; the import guard compares it with the running torch.\n"
@@ -115,5 +133,5 @@ extension = ext_cls(
 setup(
     ext_modules=[extension],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
-    options={"bdist_wheel": {"py_limited_api": "cp39"}},
+    options={"bdist_wheel": {"py_limited_api": ABI3_TAG}},
 )

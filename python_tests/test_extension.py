@@ -5,12 +5,14 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
 
 import s2meta_fast
 
+ROOT = Path(__file__).resolve().parents[1]
 FAKE_BUILD = textwrap.dedent("""
     import sys, types
     fake = types.ModuleType("s2meta_fast._build_info")
@@ -79,3 +81,16 @@ def test_cpu_kernels_are_built_with_openmp():
     import s2meta_fast._C as compiled
     with open(compiled.__file__, "rb") as handle:
         assert b"GOMP_parallel" in handle.read()
+
+
+def test_cuda_home_without_a_toolkit_fails_the_build(tmp_path):
+    """A CUDA_HOME that lacks include/cuda.h must stop the build, not quietly drop the CUDA kernels."""
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "nvcc").write_text("#!/bin/sh\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("S2META_CUDA", "FORCE_CUDA", "CUDA_PATH")}
+    env["CUDA_HOME"] = str(tmp_path)
+    done = subprocess.run([sys.executable, "setup.py", "--version"], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode != 0
+    assert f"CUDA_HOME={tmp_path} is not a CUDA toolkit root (missing include/cuda.h)" in done.stderr
+    assert "S2META_CUDA=0" in done.stderr

@@ -42,6 +42,7 @@ from .meta.distributed import BACKENDS as DIST_BACKENDS
 from .meta.meta_config import INIT_MODES, STATE_INITS, STOP_MODES, UPDATE_MODES, MetaConfig
 from .meta.trainer import OPTIMIZERS, TrainConfig
 from .models import MODELS
+from .ops.limits import cuda_limit_errors
 
 DEVICES = ("cpu", "cuda")
 
@@ -259,6 +260,13 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     run: RunConfig = field(default_factory=RunConfig)
+
+    def __post_init__(self) -> None:
+        # The fused kernels' CUDA limits fail here, before data loading and graph capture.
+        if self.run.device == "cuda" and self.meta.fused:
+            errors = cuda_limit_errors(hidden_size=self.meta.hidden_size if self.meta.update == "lstm" else None,
+                                       scenarios=self.train.meta_batch)
+            _need(not errors, "Config", "; ".join(errors) + " (run.device = cuda)")
 
     def to_dict(self) -> Dict[str, Any]:
         out: Dict[str, Any] = {"preset": self.preset}

@@ -47,6 +47,7 @@ struct MlpArgs {
 
   template <typename T>
   MlpView<T> view() const {
+    TORCH_INTERNAL_ASSERT(num_layers() <= kMaxLayers, "prepare_mlp admits at most kMaxLayers layers");
     MlpView<T> v{};
     v.num_layers = num_layers();
     for (int l = 0; l < v.num_layers; ++l) {
@@ -95,6 +96,9 @@ inline MlpArgs prepare_mlp(const char* op, const at::Tensor& ref, const char* re
   TORCH_CHECK(!weights.empty(), op, ": weights must hold at least one layer, got none");
   TORCH_CHECK(weights.size() == biases.size(), op, ": len(weights) = ", weights.size(), " but len(biases) = ",
               biases.size(), "; every layer needs one weight and one bias");
+  TORCH_CHECK(weights.size() <= static_cast<size_t>(kMaxLayers), op, ": the MLP may have at most ", kMaxLayers,
+              " layers (the kernels pass per-layer pointers in fixed-size arrays), got len(weights) = ",
+              weights.size());
   const int64_t weight_rank = args.batched ? 3 : 2;
   int64_t expected_in = 2 * args.dim;
   for (size_t l = 0; l < weights.size(); ++l) {

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from .. import ops
 from ..ops import reference
+from ..ops.limits import check_cuda_limits
 from .meta_config import STATE_INITS
 
 State = Tuple[Tensor, Tensor]
@@ -197,6 +198,23 @@ class FastUpdateController(_UpdateControllerBase):
     @staticmethod
     def _step(*args):
         return ops.lstm_update_multi(*args)
+
+    def check_device(self, device: torch.device) -> None:
+        """Raises ValueError if the fused kernels cannot run this controller on `device`."""
+        if torch.device(device).type == "cuda":
+            check_cuda_limits("FastUpdateController", hidden_size=self.hidden_size,
+                              controllers=len(self.param_shapes))
+
+    def _apply(self, fn, recurse=True):
+        # Fail where the controller is placed on a GPU, not at its first step (maybe inside a
+        # CUDA graph being captured).
+        module = super()._apply(fn, recurse)
+        self.check_device(self.w_ih.device)
+        return module
+
+    def forward(self, theta: Tensor, grad: Tensor, loss: Tensor, state: State) -> Tuple[Tensor, State, Tensor, Tensor]:
+        self.check_device(theta.device)
+        return super().forward(theta, grad, loss, state)
 
 
 __all__ = ["UpdateController", "FastUpdateController"]

@@ -10,6 +10,8 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
+from ..limits import CUDA_MAX_SCENARIOS, MAX_MLP_LAYERS
+
 
 def check_mlp(op: str, ref: Tensor, ref_name: str, weights: Sequence[Tensor], biases: Sequence[Tensor]) -> None:
     """Raises if `weights`/`biases` do not form an MLP from [e_u; e_i] (width 2d of `ref`) to 1."""
@@ -19,7 +21,12 @@ def check_mlp(op: str, ref: Tensor, ref_name: str, weights: Sequence[Tensor], bi
     torch._check(len(weights) > 0, lambda: f"{op}: weights must hold at least one layer, got none")
     torch._check(len(weights) == len(biases),
                  lambda: f"{op}: len(weights) = {len(weights)} but len(biases) = {len(biases)}")
+    torch._check(len(weights) <= MAX_MLP_LAYERS,
+                 lambda: f"{op}: the MLP may have at most {MAX_MLP_LAYERS} layers, got len(weights) = {len(weights)}")
     batched = ref.dim() == 3
+    if batched and ref.device.type == "cuda":
+        torch._check(ref.shape[0] <= CUDA_MAX_SCENARIOS,
+                     lambda: f"{op}: at most {CUDA_MAX_SCENARIOS} scenarios per call on CUDA, got S = {ref.shape[0]}")
     width = 2 * ref.shape[-1]
     for layer, (weight, bias) in enumerate(zip(weights, biases)):
         for name, tensor, rank in ((f"weights[{layer}]", weight, 2 + batched), (f"biases[{layer}]", bias, 1 + batched)):

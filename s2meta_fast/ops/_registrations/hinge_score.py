@@ -40,6 +40,7 @@ def _fake_backward(d_loss, d_pos_score, d_neg_score, user_emb, pos_emb, neg_emb,
 
 @torch.library.register_fake("s2meta::hinge_score_grad")
 def _fake_grad(user_emb, pos_emb, neg_emb, weights, biases, margin=1.0):
+    _check_triples("hinge_score_grad", user_emb, pos_emb, neg_emb, weights, biases)  # errors name this op
     loss, pos_score, neg_score = _fake(user_emb, pos_emb, neg_emb, weights, biases, margin)
     return loss, pos_score, neg_score, [w.new_empty(w.shape) for w in weights], [b.new_empty(b.shape) for b in biases]
 

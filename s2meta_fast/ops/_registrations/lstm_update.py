@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import torch
 
+from ..limits import CUDA_MAX_CONTROLLERS, CUDA_MAX_HIDDEN
+
 _FLOATS = (torch.float32, torch.float64)
 
 
@@ -32,6 +34,11 @@ def _check(op, theta, grad, loss, h, c, offsets, w_ih, w_hh, b_ih, b_hh, ln_weig
     K = len(offsets) - 1
     torch._check(K >= 0 and offsets[0] == 0 and offsets[-1] == N,
                  lambda: f"{op}: offsets must run from 0 to N = {N}, got {list(offsets)}")
+    if theta.device.type == "cuda":
+        torch._check(H <= CUDA_MAX_HIDDEN,
+                     lambda: f"{op}: the CUDA kernels support hidden sizes up to {CUDA_MAX_HIDDEN}, got H = {H}")
+        torch._check(K <= CUDA_MAX_CONTROLLERS,
+                     lambda: f"{op}: the CUDA kernels take at most {CUDA_MAX_CONTROLLERS} controllers, got K = {K}")
     torch._check(tuple(w_ih.shape) == (K, 4 * H, 5),
                  lambda: f"{op}: w_ih must have shape [K, 4H, 5] = [{K}, {4 * H}, 5], got {tuple(w_ih.shape)}")
 
