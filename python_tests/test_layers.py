@@ -6,7 +6,7 @@ import s2meta_fast
 
 ROOT = Path(s2meta_fast.__file__).parent
 # Rank of each top-level part; a module may import its own rank or lower ones.
-LAYERS = {"errors": 0, "_extension": 0, "_build_info": 0, "data": 1, "ops": 2, "models": 3, "meta": 4,
+LAYERS = {"errors": 0, "fileio": 0, "_extension": 0, "_build_info": 0, "data": 1, "ops": 2, "models": 3, "meta": 4,
           "eval": 5, "plot": 5, "config": 6, "app": 7, "cli": 8, "__main__": 9, "__init__": 9}
 
 

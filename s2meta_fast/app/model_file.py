@@ -19,13 +19,13 @@ import hashlib
 import json
 import os
 import struct
-import tempfile
 from pathlib import Path
 from typing import Any, Dict, Mapping, Tuple
 
 import torch
 
 from ..errors import ModelFileError
+from ..fileio import atomic_write_bytes
 
 FORMAT = "s2meta-model"
 FORMAT_VERSION = 1
@@ -46,12 +46,6 @@ def _tensor_bytes(tensor: torch.Tensor) -> bytes:
         flat = flat.to(torch.uint8)
     # a byte view: bf16 and friends have no numpy twin, bytes of uint8 always do
     return flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b""
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def write(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], document: Mapping[str, Any]) -> Path:
@@ -79,22 +73,7 @@ def write(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], document
     encoded += b" " * (-len(encoded) % 8)   # tensors start 8-byte aligned, as safetensors readers expect
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            stream.write(struct.pack("<Q", len(encoded)))
-            stream.write(encoded)
-            for chunk in chunks:
-                stream.write(chunk)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())   # mkstemp's 0600 would make the model unreadable to others
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write_bytes(path, [struct.pack("<Q", len(encoded)), encoded, *chunks])
     return path
 
 

@@ -27,6 +27,7 @@ from torch import Tensor
 from ..data.scenarios import SUPPORT_SIZE
 from ..data.tasks import TaskBatch
 from ..errors import InputError, ModelFileError
+from ..fileio import atomic_write
 from ..meta.learner import MetaLearner
 from ..meta.meta_config import STOP_MODES, MetaConfig
 from ..models import build_model
@@ -732,7 +733,6 @@ def write_table(frame: pd.DataFrame, path: str, stream: Any = None) -> None:
                 raise InputError(f"--out {path!r}: writing Parquet needs pyarrow or fastparquet, and neither is "
                                  f"installed; install one or write .csv or .jsonl") from None
 
-    from ..data.prepared import atomic_write
     atomic_write(path, write)
 
 

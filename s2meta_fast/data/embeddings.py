@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from . import cache
 from .errors import EmptyDataError
-from .prepared import atomic_write
+from ..fileio import atomic_write
 
 log = logging.getLogger(__name__)
 

@@ -3,11 +3,12 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+
+from ..fileio import atomic_write
 
 
 @dataclass
@@ -107,23 +108,6 @@ class PreparedData:
 
 
 _SPLITS = ("train", "valid", "test")
-
-
-def atomic_write(path: str, write) -> None:
-    """Writes through a temp file in the same folder, then renames: readers never see half a file."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
-    os.close(fd)
-    try:
-        write(tmp)
-        mask = os.umask(0)
-        os.umask(mask)
-        os.chmod(tmp, 0o666 & ~mask)   # the mode a plain open() gives, not mkstemp's 0600
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def save_prepared(data: PreparedData, path: str) -> None:

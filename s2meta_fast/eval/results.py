@@ -3,33 +3,18 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from typing import Any, Dict, Mapping, Sequence
 
+from ..fileio import atomic_write_text
 from .metrics import METRIC_NAMES
 
 # Table 3 lists baselines first and s²Meta last, followed by its improvement over the best one;
 # results.json lists s²Meta first (the documented file layout).
 METHOD_ORDER = ("itempop", "global", "finetune", "s2meta")
 JSON_ORDER = ("s2meta", "itempop", "global", "finetune")
+
 DISPLAY = {"itempop": "ItemPop", "global": "Global", "finetune": "Finetune", "s2meta": "s²Meta"}
 HEADINGS = {"recall": "Recall", "ndcg": "NDCG", "hit": "HitRate"}
-
-
-def atomic_write_text(path: str, text: str) -> None:
-    """Writes `text` so that a reader (or a crash) never sees a half-written file."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def build_results(dataset: str, seed: int, n_test_scenarios: int, n_test_users: int,

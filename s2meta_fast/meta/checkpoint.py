@@ -14,13 +14,13 @@ from __future__ import annotations
 import hashlib
 import io
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
 from ..errors import CheckpointError
+from ..fileio import atomic_write_bytes
 
 MAGIC = b"S2MCKPT1"
 _HEADER = len(MAGIC) + 32
@@ -33,20 +33,6 @@ def _encode(state: Dict[str, Any]) -> bytes:
     return MAGIC + hashlib.sha256(payload).digest() + payload
 
 
-def _write_atomic(data: bytes, path: Path) -> None:
-    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            stream.write(data)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def save_atomic(state: Dict[str, Any], path: str | os.PathLike) -> Path:
     """Writes `state` with its checksum to a temp file in the target folder, fsyncs, then renames.
 
@@ -55,7 +41,7 @@ def save_atomic(state: Dict[str, Any], path: str | os.PathLike) -> Path:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    _write_atomic(_encode(state), path)
+    atomic_write_bytes(path, _encode(state))
     return path
 
 
@@ -75,20 +61,12 @@ def rotate_save(state: Dict[str, Any], path: str | os.PathLike, keep: int) -> Pa
     path.parent.mkdir(parents=True, exist_ok=True)
     data = _encode(state)
     names = series(path, keep)
-    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            stream.write(data)
-            stream.flush()
-            os.fsync(stream.fileno())
+
+    def shift_older() -> None:
         for older, newer in zip(reversed(names[1:]), reversed(names[:-1])):
             if newer.exists():
                 os.replace(newer, older)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write_bytes(path, data, before_replace=shift_older)
     return path
 
 
