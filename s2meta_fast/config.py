@@ -36,7 +36,8 @@ import yaml
 
 from .data import DATASETS
 from .errors import ConfigError
-from .eval.baselines import METHODS
+from .eval.cross_domain import BASELINE_GRIDS
+from .eval.methods import METHODS
 from .eval.metrics import DEFAULT_KS, check_ks
 from .meta.meta_config import INIT_MODES, STATE_INITS, STOP_MODES, UPDATE_MODES, MetaConfig
 from .meta.trainer import OPTIMIZERS, TrainConfig
@@ -114,6 +115,9 @@ class EvalConfig:
         global_steps, global_batch, global_lr: Adam training of the Global baseline.
         global_source: also train Global on the source domain's interactions.
         finetune_lrs, finetune_steps: the grid searched on meta-validation scenarios for Finetune.
+        baseline_grid: the hyper-parameter grids of CDCF, CMF, EMCDR and CoNet searched on the
+            meta-validation scenarios: "paper" (Appendix A.3.2) or "reduced" (fewer points, for
+            CPU time: docs/evaluation.md).
     """
 
     ks: Tuple[int, ...] = DEFAULT_KS
@@ -127,9 +131,12 @@ class EvalConfig:
     global_source: bool = True
     finetune_lrs: Tuple[float, ...] = (0.001, 0.01, 0.1, 1.0)
     finetune_steps: Tuple[int, ...] = (5, 10, 20, 50, 100)
+    baseline_grid: str = "paper"
 
     def __post_init__(self) -> None:
         check_ks(self.ks)
+        _need(self.baseline_grid in BASELINE_GRIDS, "EvalConfig",
+              f"baseline_grid must be one of {BASELINE_GRIDS}, got {self.baseline_grid!r}")
         bad = [m for m in self.methods if m not in METHODS]
         _need(bool(self.methods) and not bad, "EvalConfig", f"methods must be a non-empty subset of "
               f"{tuple(METHODS)}, got {list(self.methods)}")
@@ -182,7 +189,8 @@ SECTIONS: Dict[str, type] = {"data": DataConfig, "meta": MetaConfig, "train": Tr
 # Dataset names are checked by DataConfig instead, so that an unknown one is listed like any bad value.
 CHOICES: Dict[str, Tuple[str, ...]] = {"init": INIT_MODES, "update": UPDATE_MODES, "stop": STOP_MODES,
                                        "eval_stop": STOP_MODES, "state_init": STATE_INITS, "device": DEVICES,
-                                       "model": tuple(MODELS), "optimizer": OPTIMIZERS, "methods": tuple(METHODS)}
+                                       "model": tuple(MODELS), "optimizer": OPTIMIZERS, "methods": tuple(METHODS),
+                                       "baseline_grid": BASELINE_GRIDS}
 
 # Named sets of option values, applied above the defaults and below a config file and flags.
 # "demo": a default run that finishes in minutes on a 2-core CPU (what `s2meta` starts from):

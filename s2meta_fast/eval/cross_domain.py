@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
@@ -59,6 +59,32 @@ class Domains:
     users: Tensor        # [M] source-domain pairs (incl. scenario-only users' pairs)
     items: Tensor        # [M]
     item_pool: Tensor    # [P] distinct source items: negatives of source pairs
+    cache: Dict[Any, Any] = field(default_factory=dict)   # fits of the source alone, by settings
+
+    def source_mf(self, factors: int, steps: int = 200, lr: float = 0.03, seed: int = 0) -> Dict[str, Tensor]:
+        """An MF (user, item factors, item bias) of the source domain alone, by full-batch Adam on
+        the log loss with one uniform negative per pair; fitted once per settings and cached."""
+        key = ("mf", factors, steps, lr, seed)
+        if key not in self.cache:
+            dev = self.users.device
+            gen = torch.Generator(device=dev).manual_seed(int(seed))
+            p = {"U": torch.randn(self.n_users, factors, generator=gen, device=dev) * 0.1,
+                 "V": torch.randn(self.n_items, factors, generator=gen, device=dev) * 0.1,
+                 "b": torch.zeros(self.n_items, device=dev)}
+            p = {k: v.requires_grad_(True) for k, v in p.items()}
+            optimiser = torch.optim.Adam(list(p.values()), lr=lr)
+            for _ in range(steps):
+                neg = self.item_pool[torch.randint(self.item_pool.shape[0], self.items.shape, generator=gen,
+                                                   device=dev)]
+                with torch.enable_grad():
+                    u = p["U"][self.users]
+                    loss = _log_loss((u * p["V"][self.items]).sum(-1) + p["b"][self.items],
+                                     ((u * p["V"][neg]).sum(-1) + p["b"][neg]).unsqueeze(-1)).mean()
+                    optimiser.zero_grad(set_to_none=True)
+                    loss.backward()
+                optimiser.step()
+            self.cache[key] = {k: v.detach() for k, v in p.items()}
+        return self.cache[key]
 
 
 def build_domains(prepared: Any, device: str | torch.device = "cpu") -> Domains:
@@ -81,6 +107,7 @@ class TargetBlock:
     users: Tensor     # [S, T]
     items: Tensor     # [S, T]
     weight: Tensor    # [S, T] 1/n_s on the scenario's pairs, 0 on padding
+    count: Tensor     # [S] n_s, the scenario's number of pairs
     pool: Tensor      # [S, P] the scenario's items (negatives), padding repeats a real one
     size: Tensor      # [S]
     in_target: Tensor  # [S, n_items] bool: item is one of the scenario's
@@ -107,7 +134,8 @@ def target_block(tasks: Sequence[Any], domains: Domains) -> TargetBlock:
         pool[s, :len(p)], pool[s, len(p):], size[s] = p, p[0], len(p)
         in_target[s, p] = True
     f = lambda a: torch.as_tensor(a, device=device)  # noqa: E731
-    return TargetBlock(f(users), f(items), f(weight), f(pool), f(size), f(in_target))
+    count = np.array([len(u) for u, _ in pairs], np.int64)
+    return TargetBlock(f(users), f(items), f(weight), f(count), f(pool), f(size), f(in_target))
 
 
 def _log_loss(pos: Tensor, neg: Tensor) -> Tensor:
@@ -144,10 +172,10 @@ class _CrossDomain:
     n_neg = 1
 
     def __init__(self, domains: Domains, user_emb: Tensor, item_emb: Tensor, hp: Mapping[str, Any],
-                 source_batch: int = 1024):
+                 source_batch: int = 1024, target_batch: int = 1024):
         self.domains, self.user_emb, self.item_emb = domains, user_emb, item_emb
         self.hp = dict(hp)
-        self.source_batch = int(source_batch)
+        self.source_batch, self.target_batch = int(source_batch), int(target_batch)
         if not self.hp.get("lr", 0) > 0 or int(self.hp.get("steps", -1)) < 0:
             raise ValueError(f"{self.name} needs lr > 0 and steps >= 0, got {self.hp}")
 
@@ -176,13 +204,25 @@ class _CrossDomain:
         index = torch.floor(draw * size.view((-1,) + (1,) * (len(shape) - 1))).long()
         return torch.gather(pool, 1, index.reshape(shape[0], -1)).reshape(shape)
 
-    def loss(self, p: Dict[str, Tensor], target: TargetBlock, generator: torch.Generator) -> Tensor:
+    def target_pairs(self, target: TargetBlock, generator: torch.Generator) -> tuple:
+        """This step's target pairs and weights: all of them, or a uniform sample of
+        ``target_batch`` per scenario when a scenario has more (the same expected loss)."""
         S, T = target.users.shape
+        if T <= self.target_batch:
+            return target.users, target.items, target.weight
+        draw = torch.rand((S, self.target_batch), generator=generator, device=target.users.device)
+        index = torch.floor(draw * target.count.unsqueeze(1)).long()
+        weight = torch.full(index.shape, 1.0 / self.target_batch, device=index.device)
+        return torch.gather(target.users, 1, index), torch.gather(target.items, 1, index), weight
+
+    def loss(self, p: Dict[str, Tensor], target: TargetBlock, generator: torch.Generator) -> Tensor:
+        users, items, weight = self.target_pairs(target, generator)
+        S, T = users.shape
         ctx = self.context(p, target)
         neg = self._negatives(target.pool, target.size, (S, T, self.n_neg), generator)
-        pos_logit = self.logits(p, ctx, target.users, target.items, "target")
-        neg_logit = self.logits(p, ctx, target.users.unsqueeze(-1).expand_as(neg), neg, "target")
-        total = (_log_loss(pos_logit, neg_logit) * target.weight).sum()
+        pos_logit = self.logits(p, ctx, users, items, "target")
+        neg_logit = self.logits(p, ctx, users.unsqueeze(-1).expand_as(neg), neg, "target")
+        total = (_log_loss(pos_logit, neg_logit) * weight).sum()
         if self.uses_source:
             d = self.domains
             j = torch.randint(d.users.shape[0], (S, self.source_batch), generator=generator, device=d.users.device)
@@ -221,17 +261,23 @@ class _CrossDomain:
 class CMF(_CrossDomain):
     """Collective matrix factorisation (Singh & Gordon 2008): the source matrix and the target
     scenario's matrix share the user factors U; each has its own item factors and biases.
-    A logit is ``U[u] · V[i] + b[i]`` with (V, b) of the pair's domain."""
+    A logit is ``U[u] · V[i] + b[i]`` with (V, b) of the pair's domain.
+
+    The joint objective starts from an MF of the source matrix alone (:meth:`Domains.source_mf`,
+    fitted once: it does not depend on the target), so the grid's steps go to the coupled
+    problem rather than to re-learning the source for every scenario.
+    """
 
     name = "cmf"
     GRID = {"lr": (0.1, 0.03, 0.001), "steps": (10, 100, 200), "factors": (8, 16, 32)}
 
     def init(self, S, target, generator):
         k, d, dev = int(self.hp["factors"]), self.domains, self.domains.users.device
-        return {"U": torch.randn(S, d.n_users, k, generator=generator, device=dev) * 0.1,
-                "Vs": torch.randn(S, d.n_items, k, generator=generator, device=dev) * 0.1,
+        source = d.source_mf(k)
+        return {"U": source["U"].expand(S, -1, -1).clone(), "Vs": source["V"].expand(S, -1, -1).clone(),
+                "bs": source["b"].expand(S, -1).clone(),
                 "Vt": torch.randn(S, d.n_items, k, generator=generator, device=dev) * 0.1,
-                "bs": torch.zeros(S, d.n_items, device=dev), "bt": torch.zeros(S, d.n_items, device=dev)}
+                "bt": torch.zeros(S, d.n_items, device=dev)}
 
     def logits(self, p, ctx, users, items, tower):
         V, b = (p["Vt"], p["bt"]) if tower == "target" else (p["Vs"], p["bs"])
@@ -299,8 +345,7 @@ class CDCF(_CrossDomain):
     def extra_loss(self, p, target):
         # L2 on the factors of the pairs' users and items (libFM's SGD regularisation): without it
         # the free user factors of the few target users absorb what the auxiliary features should carry.
-        users, items = target.users, target.items
-        reg = (_rows(p["vu"], users) ** 2).sum(-1) + (_rows(p["vi"], items) ** 2).sum(-1)
+        reg = (_rows(p["vu"], target.users) ** 2).sum(-1) + (_rows(p["vi"], target.items) ** 2).sum(-1)
         return self.reg * (reg * target.weight).sum()
 
     def score(self, state, users, items):
@@ -345,9 +390,9 @@ class EMCDR(_CrossDomain):
 
     def loss(self, p, target, generator):
         mf = super().loss(p, target, generator)
-        mapped = self._map(p, target.users)
-        err = ((mapped - _rows(p["Ut"], target.users).detach()) ** 2).sum(-1)
-        return mf + (err * target.weight).sum()
+        users, _, weight = self.target_pairs(target, generator)
+        err = ((self._map(p, users) - _rows(p["Ut"], users).detach()) ** 2).sum(-1)
+        return mf + (err * weight).sum()
 
     def score(self, state, users, items):
         params, target = state
@@ -578,6 +623,18 @@ class _NegPool:
 
 CROSS_DOMAIN: Dict[str, type] = {cls.name: cls for cls in (CDCF, CMF, EMCDR, CoNet)}
 
+# "paper": the grids of Appendix A.3.2; "reduced": a subset for CPU time (docs/evaluation.md).
+BASELINE_GRIDS = ("paper", "reduced")
+_REDUCED = {"cdcf": {"lr": (0.1, 0.03), "steps": (10, 100, 200), "factors": (16,)},
+            "cmf": {"lr": (0.1, 0.03), "steps": (10, 100, 200), "factors": (16,)},
+            "emcdr": {"lr": (0.01, 0.001), "steps": (10, 100)},
+            "conet": {"lr": (0.01,), "steps": (10, 50, 100), "l1": (0.01, 0.001)}}
+
+
+def reduced_grid(name: str) -> Dict[str, tuple]:
+    """The "reduced" grid of a cross-domain baseline: every value of it is in the paper's grid."""
+    return dict(_REDUCED[name])
+
 
 class _Replay:
     """A Method replaying states fitted once per block (one training serves every step count)."""
@@ -635,5 +692,5 @@ def select_cross_domain(name: str, domains: Domains, user_emb: Tensor, item_emb:
     return {"hp": best[3], "score": best[0], "metric": metric, "table": table}
 
 
-__all__ = ["CDCF", "CMF", "CROSS_DOMAIN", "CoNet", "Domains", "EMCDR", "NeuMF", "NeuMFConfig", "TargetBlock",
-           "build_domains", "grid_points", "select_cross_domain", "target_block"]
+__all__ = ["BASELINE_GRIDS", "CDCF", "CMF", "CROSS_DOMAIN", "CoNet", "Domains", "EMCDR", "NeuMF", "NeuMFConfig", "TargetBlock",
+           "build_domains", "grid_points", "reduced_grid", "select_cross_domain", "target_block"]

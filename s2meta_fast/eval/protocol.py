@@ -116,12 +116,16 @@ def evaluate(method: Method, tasks: Sequence[Any], ks: Sequence[int] = DEFAULT_K
         progress: show a tqdm bar over scenarios.
 
     Returns:
-        ``{"metrics": {"recall@10": ..., ...}, "n_scenarios", "n_users", "seconds"}``.
+        ``{"metrics": {"recall@10": ..., ...}, "n_scenarios", "n_users", "seconds", "per_scenario"}``;
+        ``per_scenario[name] = {"count": rows, "sums": {"recall@10": ..., ...}}``: each test
+        scenario's metric sums and row count, whose totals give the pooled metrics (what a
+        bootstrap over scenarios resamples).
     """
     if not tasks:
         raise ValueError("no evaluation tasks: the split has no test scenario large enough")
     device = torch.device(device)
     acc = MetricAccumulator(check_ks(ks))
+    per_scenario = {t.name: MetricAccumulator(acc.ks) for t in tasks}
     start = time.perf_counter()
     bar = tqdm(total=len(tasks), desc=desc or f"evaluate {method.name}", unit="scen", disable=not progress,
                leave=False)
@@ -135,10 +139,14 @@ def evaluate(method: Method, tasks: Sequence[Any], ks: Sequence[int] = DEFAULT_K
                 hi = min(n_users, lo + chunk)
                 scores = method.score(state, block.users[:, lo:hi], block.items)
                 acc.add(scores, block.relevance[:, lo:hi], block.user_mask[:, lo:hi], block.item_mask)
+                for s, task in enumerate(group):
+                    per_scenario[task.name].add(scores[s], block.relevance[s, lo:hi], block.user_mask[s, lo:hi],
+                                                block.item_mask[s])
         bar.update(len(group))
     bar.close()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     # acc.count = (scenario, user) pairs with at least one evaluation positive: the pooled population.
     return {"metrics": acc.result(), "n_scenarios": len(tasks), "n_users": acc.count,
-            "seconds": time.perf_counter() - start}
+            "seconds": time.perf_counter() - start,
+            "per_scenario": {name: {"count": a.count, "sums": dict(a.sums)} for name, a in per_scenario.items()}}
