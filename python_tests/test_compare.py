@@ -98,3 +98,23 @@ def test_finished_study_is_not_rerun_and_other_settings_are_refused(tiny, monkey
         err = capsys.readouterr().err.strip().splitlines()[-1]
         assert err.startswith("s2meta compare: error: " + flag), err
     assert open(os.path.join(out, "compare.json")).read() == before
+
+
+def test_run_selects_a_cross_domain_baseline_on_validation_and_records_the_choice(tiny, tmp_path):
+    _, args, _ = tiny
+    out = str(tmp_path / "run")
+    assert cli.main(["run", *args, "--seed", "3", "--methods", "itempop", "cmf", "--baseline-grid", "reduced",
+                     "--out", out]) == 0
+    doc = json.load(open(os.path.join(out, "results.json")))
+    assert list(doc["methods"]) == ["itempop", "cmf"]
+    choice = json.load(open(os.path.join(out, "baselines", "cmf.json")))
+    assert doc["hyperparameters"]["cmf"] == choice["hp"]
+    assert len(choice["table"]) == 6 and choice["score"] == max(choice["table"].values())
+
+
+def test_reduced_grids_only_hold_values_of_the_papers():
+    from s2meta_fast.eval.cross_domain import CROSS_DOMAIN, reduced_grid
+    for name, cls in CROSS_DOMAIN.items():
+        reduced = reduced_grid(name)
+        assert set(reduced) == set(cls.GRID), name
+        assert all(set(reduced[k]) <= set(cls.GRID[k]) for k in reduced), name
