@@ -123,7 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
                                help=f"also the Table-4 ablations (bare flag: all = {','.join(ABLATIONS)})")
             study.add_argument("--architectures", nargs="?", const="all", default=None, metavar="all|LIST",
                                help=f"also s²Meta with these recommenders (bare flag: all = {','.join(MODELS)})")
-            study.add_argument("--seeds", default="0,1,2", metavar="LIST", help="seeds, comma-separated (default: 0,1,2)")
+            study.add_argument("--seeds", default="0,1,2", metavar="LIST",
+                               help="seeds, comma-separated (default: 0,1,2)")
             continue
         _add_sections(cmd, sections)
         if name == "evaluate":

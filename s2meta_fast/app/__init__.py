@@ -9,5 +9,6 @@ from . import run_folder, stages
 from .commands import Figure, compare, evaluate, headroom, plot, prepare, run, train
 from .stages import eval_tasks, load_learner, prepare_data
 
-__all__ = ["Figure", "compare", "compare_study", "eval_tasks", "headroom", "evaluate", "load_learner", "plot", "prepare", "prepare_data", "run", "run_folder",
+__all__ = ["Figure", "compare", "compare_study", "eval_tasks", "evaluate", "headroom", "load_learner", "plot", "prepare",
+           "prepare_data", "run", "run_folder",
            "stages", "train"]

@@ -191,7 +191,7 @@ def cross_domain_choice(cfg: Config, prepared: PreparedData, name: str, domains:
     device = domains.users.device
     start = time.perf_counter()
     choice = select_cross_domain(name, domains, prepared.user_emb.to(device), prepared.item_emb.to(device), valid,
-                                 grid, seed=cfg.run.seed, block_size=cfg.eval.block_size)
+                                 grid, seed=cfg.run.seed, block_size=cfg.eval.block_size, progress=not cfg.run.quiet)
     choice["seconds"] = time.perf_counter() - start
     choice["key"] = key
     log.info("%s: chose %s (validation %s %.4f) in %.1f s", name, choice["hp"], choice["metric"], choice["score"],
@@ -283,5 +283,6 @@ def evaluate_methods(cfg: Config, prepared: PreparedData, learner: Optional[Meta
     return doc
 
 
-__all__ = ["build_learner", "check_device", "cross_domain_choice", "cross_domain_grid", "eval_tasks", "evaluate_methods", "finetune_choice", "global_theta",
+__all__ = ["build_learner", "check_device", "cross_domain_choice", "cross_domain_grid", "eval_tasks", "evaluate_methods",
+           "finetune_choice", "global_theta",
            "load_learner", "make_method", "prepare_data", "train_meta", "validation_fn"]

@@ -40,7 +40,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from tqdm.auto import trange
+from tqdm.auto import tqdm, trange
 
 from .baselines import _source_pairs
 from .protocol import block_generator, evaluate, plan_blocks
@@ -310,7 +310,8 @@ class CDCF(_CrossDomain):
         index = torch.stack([d.users, d.items])
         value = 1.0 / counts[d.users]
         self.X = torch.sparse_coo_tensor(index, value, (d.n_users, d.n_items), check_invariants=True).coalesce()
-        self.X2 = torch.sparse_coo_tensor(self.X.indices(), self.X.values() ** 2, self.X.shape, check_invariants=True).coalesce()
+        self.X2 = torch.sparse_coo_tensor(self.X.indices(), self.X.values() ** 2, self.X.shape,
+                                          check_invariants=True).coalesce()
 
     def init(self, S, target, generator):
         k, d, dev = int(self.hp["factors"]), self.domains, self.domains.users.device
@@ -504,7 +505,8 @@ class NeuMF:
 
     name = "neumf"
 
-    def __init__(self, n_users: int, n_items: int, cfg: NeuMFConfig = NeuMFConfig(), device: str | torch.device = "cpu"):
+    def __init__(self, n_users: int, n_items: int, cfg: NeuMFConfig = NeuMFConfig(),
+                 device: str | torch.device = "cpu"):
         self.n_users, self.n_items, self.cfg, self.device = n_users, n_items, cfg, torch.device(device)
         self.params: Optional[Dict[str, Tensor]] = None
         self.fitted: set = set()
@@ -674,7 +676,7 @@ def select_cross_domain(name: str, domains: Domains, user_emb: Tensor, item_emb:
     device = domains.users.device
     table: Dict[str, float] = {}
     scored: List[tuple] = []
-    for point in points:
+    for point in tqdm(points, desc=f"choose {name} hyper-parameters", unit="point", disable=not progress, leave=False):
         model = cls(domains, user_emb, item_emb, {**point, "steps": steps[-1]})
         per_step: Dict[int, Dict[tuple, tuple]] = {s: {} for s in steps}
         for index, group in enumerate(plan_blocks(valid_tasks, block_size)):
@@ -692,5 +694,6 @@ def select_cross_domain(name: str, domains: Domains, user_emb: Tensor, item_emb:
     return {"hp": best[3], "score": best[0], "metric": metric, "table": table}
 
 
-__all__ = ["BASELINE_GRIDS", "CDCF", "CMF", "CROSS_DOMAIN", "CoNet", "Domains", "EMCDR", "NeuMF", "NeuMFConfig", "TargetBlock",
+__all__ = ["BASELINE_GRIDS", "CDCF", "CMF", "CROSS_DOMAIN", "CoNet", "Domains", "EMCDR", "NeuMF", "NeuMFConfig",
+           "TargetBlock",
            "build_domains", "grid_points", "reduced_grid", "select_cross_domain", "target_block"]
