@@ -320,7 +320,10 @@ def compare_markdown(doc: Mapping[str, Any]) -> str:
                                for s, hp in row["hyperparameters"].items())
             hp_lines.append(f"- {DISPLAY.get(name, name)}: {chosen}")
     if hp_lines:
-        lines += ["", "## Hyper-parameters (chosen on the meta-validation scenarios)", ""] + hp_lines
+        grid = doc.get("options", {}).get("baseline_grid")
+        lines += ["", "## Hyper-parameters", "",
+                  f"Chosen on the meta-validation scenarios (CDCF, CMF, EMCDR, CoNet from the {grid} grids; "
+                  "Finetune from its grid); NeuMF's are fixed.", ""] + hp_lines
     return "\n".join(lines) + "\n"
 
 
