@@ -217,7 +217,8 @@ def make_method(name: str, cfg: Config, prepared: PreparedData, learner: Optiona
     if name == "neumf":
         neumf = NeuMF(prepared.n_users, prepared.n_items, device=device)
         neumf.fit(prepared, eval_tasks(prepared, "test", cfg.run.seed), seed=cfg.run.seed, progress=not cfg.run.quiet)
-        neumf.hyperparameters = dataclasses.asdict(neumf.cfg)
+        neumf.hyperparameters = {k: list(v) if isinstance(v, tuple) else v
+                                 for k, v in dataclasses.asdict(neumf.cfg).items()}
         return neumf
     if name in CROSS_DOMAIN:
         domains = build_domains(prepared, device)
