@@ -252,8 +252,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         HANDLERS[args.command](cfg, args)
         return 0
     except KeyboardInterrupt:
-        print("s2meta: interrupted; checkpoints and finished stages in the run folder are intact: "
-              "rerun the same command with --resume to continue", file=sys.stderr)
+        how = "the same command" if args.command == "compare" else "the same command with --resume"
+        print(f"s2meta: interrupted; checkpoints and finished stages in the run folder are intact: "
+              f"rerun {how} to continue", file=sys.stderr)
         return EXIT_INTERRUPTED
     except ConfigError as error:
         print(f"s2meta {args.command}: error: {error}", file=sys.stderr)
