@@ -33,7 +33,7 @@ def dataset(tmp_path_factory, one_thread):
 TINY = ["--meta-steps", "3", "--meta-batch", "1", "--t-max", "5", "--t-min", "2", "--validate-every", "1",
         "--checkpoint-every", "1",
         "--global-steps", "20", "--global-batch", "64", "--finetune-lrs", "0.1", "--finetune-steps", "1", "2",
-        "--quiet", "--seed", "3"]
+        "--quiet", "--seed", "3", "--methods", "s2meta", "itempop", "global", "finetune"]
 
 
 def _results(out):

@@ -56,7 +56,7 @@ def test_flags_override_file(tmp_path):
     ({"min_items": 10, "max_items": 5}, "must not exceed"),
     ({"ks": [10, 10]}, "must not repeat"),
     ({"device": "tpu"}, "device must be one of"),
-    ({"methods": ["s2meta", "neumf"]}, "methods must be"),
+    ({"methods": ["s2meta", "bpr"]}, "methods must be"),
     ({"meta_batch": 0}, "meta_batch"),
     ({"model": "deep"}, "model must be one of"),
     ({"finetune_lrs": [0.1, -1]}, "finetune_lrs"),

@@ -23,8 +23,11 @@ from . import app
 from . import config as config_mod
 from ._extension import backend
 from .config import CHOICES, OPTIONS, PRESETS, Config, section_fields
-from .errors import S2MetaError
+from .errors import ConfigError, S2MetaError
+from .app.compare import ABLATIONS
+from .eval.methods import METHODS
 from .eval.results import markdown_table
+from .models import MODELS
 
 log = logging.getLogger("s2meta_fast")
 
@@ -38,6 +41,8 @@ COMMANDS = {
     "plot": ("draw the paper's Fig. 2 (one scenario's inner loop) from a checkpoint", ()),
     "export": ("write a run's trained meta learner as one self-contained model file", ()),
     "recommend": ("adapt a model file to a new scenario's support pairs and write top-K lists", ()),
+    "compare": ("the paper's comparison over seeds: every method, the ablations, the architectures; "
+                "writes compare.json/.md in --out (resumable)", ("data", "meta", "train", "eval", "run")),
 }
 
 # The preset a command line starts from unless --preset or the config file names another.
@@ -81,7 +86,7 @@ def _add_option(group: argparse._ArgumentGroup, name: str) -> None:
                        help=f"default: {_DEFAULTS[name]}", **kwargs)
 
 
-def _add_sections(parser: argparse.ArgumentParser, sections: Sequence[str]) -> None:
+def _add_sections(parser: argparse.ArgumentParser, sections: Sequence[str], skip: Sequence[str] = ()) -> None:
     parser.add_argument("--config", metavar="FILE", help="YAML config file (flags override it)")
     parser.add_argument("--preset", choices=tuple(PRESETS), default=argparse.SUPPRESS,
                         help=f"named option values under the config file and flags (default: {DEFAULT_PRESET}; "
@@ -89,7 +94,8 @@ def _add_sections(parser: argparse.ArgumentParser, sections: Sequence[str]) -> N
     for section in sections:
         group = parser.add_argument_group(f"{section} options")
         for name in section_fields(section):
-            _add_option(group, name)
+            if name not in skip:
+                _add_option(group, name)
         if section == "meta":
             group.add_argument("--pure", dest="fused", action="store_const", const=False, default=argparse.SUPPRESS,
                                help="pure-PyTorch controllers and scoring (UpdateController) instead of the fused ops")
@@ -113,6 +119,17 @@ def build_parser() -> argparse.ArgumentParser:
             continue
         if name in MODEL_COMMANDS:
             _add_model_command_args(cmd, name)
+        if name == "compare":
+            _add_sections(cmd, sections, skip=("methods", "resume"))
+            study = cmd.add_argument_group("study options")
+            study.add_argument("--methods", default="all", metavar="all|LIST",
+                               help=f"methods of the main run, comma-separated (default: all = {','.join(METHODS)})")
+            study.add_argument("--ablations", nargs="?", const="all", default=None, metavar="all|LIST",
+                               help=f"also the Table-4 ablations (bare flag: all = {','.join(ABLATIONS)})")
+            study.add_argument("--architectures", nargs="?", const="all", default=None, metavar="all|LIST",
+                               help=f"also s²Meta with these recommenders (bare flag: all = {','.join(MODELS)})")
+            study.add_argument("--seeds", default="0,1,2", metavar="LIST",
+                               help="seeds, comma-separated (default: 0,1,2)")
             continue
         _add_sections(cmd, sections)
         if name == "evaluate":
@@ -143,8 +160,14 @@ def parse(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     return args
 
 
+# compare's own flags that share a name with an option (its --methods takes all|LIST)
+_STUDY_FLAGS = {"compare": ("methods",)}
+
+
 def _overrides(args: argparse.Namespace) -> Dict[str, Any]:
-    return {name: value for name, value in vars(args).items() if name in OPTIONS or name == "preset"}
+    own = _STUDY_FLAGS.get(args.command, ())
+    return {name: value for name, value in vars(args).items()
+            if (name in OPTIONS and name not in own) or name == "preset"}
 
 
 def resolve_config(args: argparse.Namespace) -> Config:
@@ -255,7 +278,18 @@ def cmd_recommend(args: argparse.Namespace) -> None:
 
 
 MODEL_COMMANDS = {"export": cmd_export, "recommend": cmd_recommend}
-HANDLERS = {"prepare": cmd_prepare, "train": cmd_train, "evaluate": cmd_evaluate, "run": cmd_run}
+def cmd_compare(cfg: Config, args: argparse.Namespace) -> None:
+    study = app.compare_study.Study(methods=app.compare_study.parse_names(args.methods, tuple(METHODS)),
+                                    ablations=app.compare_study.parse_names(args.ablations, tuple(ABLATIONS)),
+                                    architectures=app.compare_study.parse_names(args.architectures, tuple(MODELS)),
+                                    seeds=app.compare_study.parse_seeds(args.seeds))
+    app.compare(cfg, study)
+    with open(f"{cfg.run.out}/compare.md", encoding="utf-8") as fh:
+        print(fh.read(), end="")
+
+
+HANDLERS = {"prepare": cmd_prepare, "train": cmd_train, "evaluate": cmd_evaluate, "run": cmd_run,
+            "compare": cmd_compare}
 
 
 def _terminate_as_interrupt(signum: int, frame: Any) -> None:
@@ -284,9 +318,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         HANDLERS[args.command](cfg, args)
         return 0
     except KeyboardInterrupt:
-        print("s2meta: interrupted; the previous results in the run folder are unchanged and the interrupted "
-              "run's checkpoints and finished stages are kept: rerun the same command with --resume to "
-              "continue", file=sys.stderr)
+        if args.command == "compare":
+            print("s2meta: interrupted; finished (method, seed) runs in the study folder are kept: rerun the same "
+                  "command to continue", file=sys.stderr)
+        else:
+            print("s2meta: interrupted; the previous results in the run folder are unchanged and the interrupted "
+                  "run's checkpoints and finished stages are kept: rerun the same command with --resume to "
+                  "continue", file=sys.stderr)
         return EXIT_INTERRUPTED
     except S2MetaError as error:
         lines = [line.strip() for line in str(error).splitlines() if line.strip()]

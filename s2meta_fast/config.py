@@ -36,7 +36,8 @@ import yaml
 
 from .data import DATASETS
 from .errors import ConfigError
-from .eval.baselines import METHODS
+from .eval.cross_domain import BASELINE_GRIDS
+from .eval.methods import METHODS
 from .eval.metrics import DEFAULT_KS, check_ks
 from .meta.distributed import BACKENDS as DIST_BACKENDS
 from .meta.meta_config import INIT_MODES, STATE_INITS, STOP_MODES, UPDATE_MODES, MetaConfig
@@ -116,6 +117,9 @@ class EvalConfig:
         global_steps, global_batch, global_lr: Adam training of the Global baseline.
         global_source: also train Global on the source domain's interactions.
         finetune_lrs, finetune_steps: the grid searched on meta-validation scenarios for Finetune.
+        baseline_grid: the hyper-parameter grids of CDCF, CMF, EMCDR and CoNet searched on the
+            meta-validation scenarios: "paper" (Appendix A.3.2) or "reduced" (fewer points, for
+            CPU time: docs/evaluation.md).
     """
 
     ks: Tuple[int, ...] = DEFAULT_KS
@@ -129,9 +133,12 @@ class EvalConfig:
     global_source: bool = True
     finetune_lrs: Tuple[float, ...] = (0.001, 0.01, 0.1, 1.0)
     finetune_steps: Tuple[int, ...] = (5, 10, 20, 50, 100)
+    baseline_grid: str = "paper"
 
     def __post_init__(self) -> None:
         check_ks(self.ks)
+        _need(self.baseline_grid in BASELINE_GRIDS, "EvalConfig",
+              f"baseline_grid must be one of {BASELINE_GRIDS}, got {self.baseline_grid!r}")
         bad = [m for m in self.methods if m not in METHODS]
         _need(bool(self.methods) and not bad, "EvalConfig", f"methods must be a non-empty subset of "
               f"{tuple(METHODS)}, got {list(self.methods)}")
@@ -190,18 +197,19 @@ SECTIONS: Dict[str, type] = {"data": DataConfig, "meta": MetaConfig, "train": Tr
 CHOICES: Dict[str, Tuple[str, ...]] = {"init": INIT_MODES, "update": UPDATE_MODES, "stop": STOP_MODES,
                                        "eval_stop": STOP_MODES, "state_init": STATE_INITS, "device": DEVICES,
                                        "model": tuple(MODELS), "optimizer": OPTIMIZERS, "methods": tuple(METHODS),
-                                       "dist_backend": DIST_BACKENDS}
+                                       "dist_backend": DIST_BACKENDS, "baseline_grid": BASELINE_GRIDS}
 
 # Named sets of option values, applied above the defaults and below a config file and flags.
 # "demo": a default run that finishes in minutes on a 2-core CPU (what `s2meta` starts from):
 #   400 meta-steps of 8 scenarios instead of tens of thousands of one-scenario steps, hence 10x
 #   the authors' Adam rates for ω_R and the update controller (at 1e-4, 300 steps leave ω_R near
-#   its random init: ml100k Recall@20 75.3 vs 83.6 at 1e-3, docs/evaluation.md).
+#   its random init: ml100k Recall@20 75.3 vs 83.6 at 1e-3, docs/evaluation.md), and the reduced
+#   grids for the cross-domain baselines (the paper's 500/1000-step points dominate a CPU run).
 # "paper": the authors' code, departures included (docs/method.md); it does not choose a length:
 #   set meta_steps (the authors trained for tens of thousands of one-scenario steps).
 PRESETS: Dict[str, Dict[str, Any]] = {
     "demo": {"meta_steps": 400, "meta_batch": 8, "lr_init": 1e-3, "lr_update": 1e-3, "lr_stop": 5e-5,
-             "validate_every": 50, "checkpoint_every": 50, "log_every": 25},
+             "validate_every": 50, "checkpoint_every": 50, "log_every": 25, "baseline_grid": "reduced"},
     "paper": {"optimizer": "adam", "lr_init": 1e-4, "lr_update": 1e-4, "lr_stop": 5e-5, "weight_decay": 1e-5,
               "meta_batch": 1, "validate_every": 500, "checkpoint_every": 500, "log_every": 100,
               "state_init": "normal", "zero_hh_bias": True, "forget_bias_fix": False, "inner_batch": None},

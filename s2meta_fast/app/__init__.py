@@ -5,9 +5,10 @@ command line: :mod:`.commands` is what each ``s2meta`` command does, :mod:`.stag
 they chain, :mod:`.run_folder` what they read and write in ``--out``, :mod:`.recommender` a
 trained meta learner serving new scenarios and :mod:`.model_file` its portable file.
 """
+from . import compare as compare_study
 from . import run_folder, stages
-from .commands import Figure, Recommendations, evaluate, export, plot, prepare, recommend, run, train
+from .commands import Figure, Recommendations, compare, evaluate, export, headroom, plot, prepare, recommend, run, train
 from .stages import eval_tasks, load_learner, prepare_data
 
-__all__ = ["Figure", "Recommendations", "eval_tasks", "evaluate", "export", "load_learner", "plot", "prepare",
-           "prepare_data", "recommend", "run", "run_folder", "stages", "train"]
+__all__ = ["Figure", "Recommendations", "compare", "compare_study", "eval_tasks", "evaluate", "export", "headroom",
+           "load_learner", "plot", "prepare", "prepare_data", "recommend", "run", "run_folder", "stages", "train"]

@@ -19,10 +19,11 @@ from ..meta import checkpoint as checkpoints
 from ..meta import distributed
 from ..meta.trainer import BEST, LAST
 from ..plot import draw_figure, record_scenario
+from . import compare as compare_mod
 from . import run_folder
 from .transaction import STAGING
-from .stages import (check_device, check_ranks_agree, eval_tasks, evaluate_methods, load_learner, prepare_data,
-                     train_meta)
+from .stages import (check_device, check_ranks_agree, eval_tasks, evaluate_methods, global_theta, load_learner,
+                     prepare_data, train_meta)
 
 if TYPE_CHECKING:
     from .recommender import Recommender
@@ -146,6 +147,37 @@ def _staged(cfg: Config, group: distributed.Group, carry: bool = False) -> Itera
         distributed.barrier(group)
 
 
+def headroom(cfg: Config) -> Dict[str, Any]:
+    """The oracle fine-tuning bound of a run folder: Global's θ fine-tuned with the (lr, steps)
+    that is best on the meta-test scenarios themselves (an upper-bound diagnostic, not a method)."""
+    import torch
+
+    from ..eval.baselines import FinetuneGrid, GlobalModel, select_finetune
+    from ..eval.protocol import evaluate as evaluate_protocol
+    from ..models import build_model
+
+    prepared = prepare_data(cfg)
+    device = torch.device(cfg.run.device)
+    model = build_model(cfg.train.model, prepared.embed_dim, fused=cfg.meta.fused)
+    theta = global_theta(cfg, prepared, model, device)
+    user_emb, item_emb = prepared.user_emb.to(device), prepared.item_emb.to(device)
+    tasks = eval_tasks(prepared, "test", cfg.run.seed)
+    grid = FinetuneGrid(lrs=compare_mod.HEADROOM_GRID["lrs"], steps=compare_mod.HEADROOM_GRID["steps"])
+    oracle = select_finetune(model, theta, user_emb, item_emb, tasks, grid, seed=cfg.run.seed,
+                             block_size=cfg.eval.block_size)
+    plain = evaluate_protocol(GlobalModel(model, theta, user_emb, item_emb), tasks, (20,), seed=cfg.run.seed,
+                              device=device, block_size=cfg.eval.block_size, progress=False)
+    return {"global": plain["metrics"]["recall@20"], "oracle": oracle["score"], "lr": oracle["lr"],
+            "steps": oracle["steps"], "label": "upper bound: schedule chosen on the meta-test scenarios"}
+
+
+def compare(cfg: Config, study: "compare_mod.Study") -> Dict[str, Any]:
+    """Every method, ablation and architecture of `study` for every seed in OUT (resumable);
+    returns the compare.json document (also written with compare.md and the chart)."""
+    check_device(cfg.run.device)
+    return compare_mod.compare(cfg, study, run, headroom)
+
+
 @dataclass(frozen=True)
 class Figure:
     """What :func:`plot` drew: the PNG and the inner loop it shows."""
@@ -243,4 +275,5 @@ def recommend(model: str, support: str, users: str, out: str, *, candidates: Opt
                            served - loaded)
 
 
-__all__ = ["Figure", "Recommendations", "evaluate", "export", "plot", "prepare", "recommend", "run", "train"]
+__all__ = ["Figure", "Recommendations", "compare", "evaluate", "export", "headroom", "plot", "prepare", "recommend",
+           "run", "train"]

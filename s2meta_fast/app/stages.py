@@ -5,6 +5,7 @@ folder through :mod:`s2meta_fast.app.run_folder`, so a finished stage is skipped
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import os
@@ -18,8 +19,10 @@ from ..config import Config
 from .. import data
 from ..data import EvalTask, PreparedData, TaskSampler
 from ..errors import CheckpointError, ConfigError, DataError, RunFolderError
-from ..eval.baselines import (METHODS, Finetune, FinetuneGrid, GlobalModel, GlobalTrainConfig, ItemPop, S2Meta,
+from ..eval.baselines import (Finetune, FinetuneGrid, GlobalModel, GlobalTrainConfig, ItemPop, S2Meta,
                               global_item_counts, select_finetune, train_global)
+from ..eval.cross_domain import CROSS_DOMAIN, NeuMF, build_domains, reduced_grid, select_cross_domain
+from ..eval.methods import METHODS
 from ..eval.protocol import Method, evaluate
 from ..eval.results import build_results, write_results
 from ..meta import MetaLearner, MetaTrainer
@@ -187,6 +190,40 @@ def finetune_choice(cfg: Config, prepared: PreparedData, model: FlatRecommender,
     return choice
 
 
+def cross_domain_grid(cfg: Config, name: str) -> Dict[str, list]:
+    """The grid searched for a cross-domain baseline: the paper's, or its reduced form."""
+    grid = CROSS_DOMAIN[name].GRID if cfg.eval.baseline_grid == "paper" else reduced_grid(name)
+    return {k: list(v) for k, v in grid.items()}
+
+
+def cross_domain_choice(cfg: Config, prepared: PreparedData, name: str, domains: Any) -> Dict[str, Any]:
+    """A cross-domain baseline's hyper-parameters, chosen on the meta-validation scenarios
+    (OUT/baselines/<name>.json, reused while data, seed and grid are unchanged)."""
+    path = os.path.join(cfg.run.out, BASELINES_DIR, f"{name}.json")
+    grid = cross_domain_grid(cfg, name)
+    key = {"data": cfg.to_dict()["data"], "seed": cfg.run.seed, "grid": grid, "block_size": cfg.eval.block_size}
+    cached = run_folder.read_json(path)
+    if cached is not None and cached.get("key") == key:
+        return cached
+    valid = eval_tasks(prepared, "valid", cfg.run.seed)
+    if not valid:
+        raise DataError(f"{prepared.name}: {name} needs meta-validation scenarios to choose its hyper-parameters; "
+                        f"the split has none (evaluate without it: --methods s2meta itempop global)")
+    device = domains.users.device
+    start = time.perf_counter()
+    choice = select_cross_domain(name, domains, prepared.user_emb.to(device), prepared.item_emb.to(device), valid,
+                                 grid, seed=cfg.run.seed, block_size=cfg.eval.block_size, progress=not cfg.run.quiet)
+    choice["seconds"] = time.perf_counter() - start
+    choice["key"] = key
+    log.info("%s: chose %s (validation %s %.4f) in %.1f s", name, choice["hp"], choice["metric"], choice["score"],
+             choice["seconds"])
+    run_folder.write_json(path, choice)
+    return choice
+
+
+BASELINES_DIR = "baselines"
+
+
 def make_method(name: str, cfg: Config, prepared: PreparedData, learner: Optional[MetaLearner] = None) -> Method:
     """The method `name` (a key of :data:`s2meta_fast.eval.METHODS`), ready to evaluate."""
     device = torch.device(cfg.run.device)
@@ -198,13 +235,27 @@ def make_method(name: str, cfg: Config, prepared: PreparedData, learner: Optiona
         if learner is None:
             raise ValueError("s2meta needs a trained learner")
         return S2Meta(learner, stop=cfg.stop_at_evaluation)
+    if name == "neumf":
+        neumf = NeuMF(prepared.n_users, prepared.n_items, device=device)
+        neumf.fit(prepared, eval_tasks(prepared, "test", cfg.run.seed), seed=cfg.run.seed, progress=not cfg.run.quiet)
+        neumf.hyperparameters = {k: list(v) if isinstance(v, tuple) else v
+                                 for k, v in dataclasses.asdict(neumf.cfg).items()}
+        return neumf
+    if name in CROSS_DOMAIN:
+        domains = build_domains(prepared, device)
+        hp = cross_domain_choice(cfg, prepared, name, domains)["hp"]
+        method = CROSS_DOMAIN[name](domains, prepared.user_emb.to(device), prepared.item_emb.to(device), hp)
+        method.hyperparameters = hp
+        return method
     model = build_model(cfg.train.model, prepared.embed_dim, fused=cfg.meta.fused)
     theta = global_theta(cfg, prepared, model, device)
     user_emb, item_emb = prepared.user_emb.to(device), prepared.item_emb.to(device)
     if name == "global":
         return GlobalModel(model, theta, user_emb, item_emb)
     choice = finetune_choice(cfg, prepared, model, theta)
-    return Finetune(model, theta, user_emb, item_emb, choice["lr"], choice["steps"])
+    method = Finetune(model, theta, user_emb, item_emb, choice["lr"], choice["steps"])
+    method.hyperparameters = {"lr": choice["lr"], "steps": choice["steps"]}
+    return method
 
 
 # --------------------------------------------------------------------------------------------
@@ -226,6 +277,7 @@ def evaluate_methods(cfg: Config, prepared: PreparedData, learner: Optional[Meta
     methods: Dict[str, Dict[str, float]] = {}
     timings: Dict[str, Any] = {k: round(v, 3) for k, v in (stage_seconds or {}).items()}
     n_users = None
+    chosen: Dict[str, Any] = {}
     for name in cfg.eval.methods:
         path = run_folder.method_path(cfg.run.out, name)
         cached = distributed.from_writer(lambda: run_folder.read_json(path), group) if cfg.run.resume else None
@@ -236,10 +288,14 @@ def evaluate_methods(cfg: Config, prepared: PreparedData, learner: Optional[Meta
                            block_size=cfg.eval.block_size, max_pairs=cfg.eval.max_pairs,
                            progress=not cfg.run.quiet, desc=f"evaluate {name}", group=group)
             res["total_seconds"] = time.perf_counter() - start
+            if getattr(method, "hyperparameters", None) is not None:
+                res["hyperparameters"] = method.hyperparameters
             if group.is_writer:
                 run_folder.write_json(path, res)
             cached = res
         methods[name] = cached["metrics"]
+        if "hyperparameters" in cached:
+            chosen[name] = cached["hyperparameters"]
         timings[name] = {"evaluate_s": round(cached["seconds"], 3),
                          "setup_and_evaluate_s": round(cached.get("total_seconds", cached["seconds"]), 3)}
         n_users = cached["n_users"]
@@ -247,7 +303,8 @@ def evaluate_methods(cfg: Config, prepared: PreparedData, learner: Optional[Meta
                                              if k.startswith("recall")))
     doc = build_results(prepared.name, cfg.run.seed, len(tasks), n_users, methods,
                         backend=_extension.backend().name, device=cfg.run.device, timings=timings,
-                        config=cfg.to_dict(), world_size=group.world_size, dist_backend=group.backend)
+                        hyperparameters=chosen, config=cfg.to_dict(), world_size=group.world_size,
+                        dist_backend=group.backend)
     if group.is_writer:
         write_results(cfg.run.out, doc)
     return doc
@@ -284,6 +341,6 @@ def check_ranks_agree(cfg: Config, prepared: Optional[PreparedData], group: Grou
     distributed.check_same(parts, group)
 
 
-__all__ = ["build_learner", "check_device", "check_ranks_agree", "data_fingerprint", "eval_tasks", "evaluate_methods",
-           "finetune_choice", "global_theta", "load_learner", "make_method", "prepare_data", "train_meta",
-           "validation_fn"]
+__all__ = ["build_learner", "check_device", "check_ranks_agree", "cross_domain_choice", "cross_domain_grid",
+           "data_fingerprint", "eval_tasks", "evaluate_methods", "finetune_choice", "global_theta", "load_learner",
+           "make_method", "prepare_data", "train_meta", "validation_fn"]

@@ -358,9 +358,5 @@ class S2Meta(_ThetaScorer):
         return out.theta.detach()
 
 
-# The methods a run can evaluate, by name, in results.json's order.
-METHODS: Dict[str, type] = {cls.name: cls for cls in (S2Meta, ItemPop, GlobalModel, Finetune)}
-
-
-__all__ = ["METHODS", "ItemPop", "GlobalModel", "GlobalTrainConfig", "Finetune", "FinetuneGrid", "S2Meta",
+__all__ = ["ItemPop", "GlobalModel", "GlobalTrainConfig", "Finetune", "FinetuneGrid", "S2Meta",
            "global_item_counts", "select_finetune", "train_global"]

@@ -124,18 +124,23 @@ def evaluate(method: Method, tasks: Sequence[Any], ks: Sequence[int] = DEFAULT_K
             ranks return the pooled result. Every rank of the group must call this.
 
     Returns:
-        ``{"metrics": {"recall@10": ..., ...}, "n_scenarios", "n_users", "seconds"}``.
+        ``{"metrics": {"recall@10": ..., ...}, "n_scenarios", "n_users", "seconds", "per_scenario"}``;
+        ``per_scenario[name] = {"count": rows, "sums": {"recall@10": ..., ...}}``: each test
+        scenario's metric sums and row count, whose totals give the pooled metrics (what a
+        bootstrap over scenarios resamples).
     """
     if not tasks:
         raise ValueError("no evaluation tasks: the split has no test scenario large enough")
     device = torch.device(device)
     acc = MetricAccumulator(check_ks(ks))
+    per_scenario = {t.name: MetricAccumulator(acc.ks) for t in tasks}
     start = time.perf_counter()
     blocks = plan_blocks(tasks, block_size)
     mine = distributed.shard_indices(len(blocks), group)
     bar = tqdm(total=sum(len(blocks[i]) for i in mine), desc=desc or f"evaluate {method.name}", unit="scen",
                disable=not progress or not group.is_writer, leave=False)
     sums = []   # (block index, per-chunk metric sums): pooled in block order below
+    scenario_sums = []   # (scenario, metric sums of one user chunk), for the per-scenario totals
     for index in mine:
         block = make_block(blocks[index]).to(device)
         state = method.adapt(blocks[index], block_generator(seed, index, device))
@@ -148,17 +153,24 @@ def evaluate(method: Method, tasks: Sequence[Any], ks: Sequence[int] = DEFAULT_K
                 scores = method.score(state, block.users[:, lo:hi], block.items)
                 chunks.append(topk_metric_sums(scores, block.relevance[:, lo:hi], acc.ks, block.user_mask[:, lo:hi],
                                                block.item_mask))
+                for s, task in enumerate(blocks[index]):
+                    scenario_sums.append((task.name, topk_metric_sums(
+                        scores[s], block.relevance[s, lo:hi], acc.ks, block.user_mask[s, lo:hi], block.item_mask[s])))
         sums.append((index, chunks))
         bar.update(len(blocks[index]))
     bar.close()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     if group.active:
-        sums = sorted((entry for rank_sums in distributed.gather_objects(sums, group) for entry in rank_sums),
-                      key=lambda entry: entry[0])
+        gathered = distributed.gather_objects((sums, scenario_sums), group)
+        sums = sorted((entry for rank_sums, _ in gathered for entry in rank_sums), key=lambda entry: entry[0])
+        scenario_sums = [entry for _, rank_scenarios in gathered for entry in rank_scenarios]
+    for name, chunk_sums in scenario_sums:   # a scenario lies in one block, its chunks in order
+        per_scenario[name].add_sums(chunk_sums)
     for _, chunks in sums:   # the single-process order of additions: the same floating-point sums
         for chunk_sums in chunks:
             acc.add_sums(chunk_sums)
     # acc.count = (scenario, user) pairs with at least one evaluation positive: the pooled population.
     return {"metrics": acc.result(), "n_scenarios": len(tasks), "n_users": acc.count,
-            "seconds": time.perf_counter() - start}
+            "seconds": time.perf_counter() - start,
+            "per_scenario": {name: {"count": a.count, "sums": dict(a.sums)} for name, a in per_scenario.items()}}

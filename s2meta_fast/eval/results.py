@@ -6,14 +6,13 @@ import os
 from typing import Any, Dict, Mapping, Sequence
 
 from ..fileio import atomic_write_text
+from .methods import DISPLAY, METHODS
 from .metrics import METRIC_NAMES
 
 # Table 3 lists baselines first and s²Meta last, followed by its improvement over the best one;
 # results.json lists s²Meta first (the documented file layout).
-METHOD_ORDER = ("itempop", "global", "finetune", "s2meta")
-JSON_ORDER = ("s2meta", "itempop", "global", "finetune")
-
-DISPLAY = {"itempop": "ItemPop", "global": "Global", "finetune": "Finetune", "s2meta": "s²Meta"}
+JSON_ORDER = tuple(METHODS)
+METHOD_ORDER = JSON_ORDER[1:] + JSON_ORDER[:1]
 HEADINGS = {"recall": "Recall", "ndcg": "NDCG", "hit": "HitRate"}
 
 
