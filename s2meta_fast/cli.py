@@ -48,8 +48,8 @@ COMMANDS = {
 # The preset a command line starts from unless --preset or the config file names another.
 DEFAULT_PRESET = "demo"
 
-# A user's mistake in the command line or config (2); the data or run folder cannot serve the
-# command (1); interrupted (130). A bug is none of these: it shows its traceback.
+# A user's mistake, or data, a run folder or a model file that cannot serve the command (2);
+# interrupted (130). A bug is none of these: it shows its traceback.
 EXIT_USAGE, EXIT_INTERRUPTED = 2, 130
 
 
