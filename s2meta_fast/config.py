@@ -103,6 +103,9 @@ class TrainConfig(TrainerConfig):
     Attributes:
         model: recommender kind (interaction, mapping, hybrid).
         meta_steps: meta-training steps in total (each adapts ``meta_batch`` scenarios).
+        warm_start: start ω_R from the Global baseline's θ (trained on the meta-train scenarios
+            and the source domain) instead of a random init — a departure from the paper
+            (docs/method.md).
     """
 
     lr_init: float = 1e-3
@@ -113,12 +116,14 @@ class TrainConfig(TrainerConfig):
     log_every: int = 25
     model: str = "interaction"
     meta_steps: int = 400
+    warm_start: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
         _need(self.model in MODEL_KINDS, "TrainConfig", f"model must be one of {MODEL_KINDS}, got {self.model!r}")
         _need(isinstance(self.meta_steps, int) and not isinstance(self.meta_steps, bool) and self.meta_steps >= 0,
               "TrainConfig", f"meta_steps must be an int >= 0, got {self.meta_steps!r}")
+        _need(isinstance(self.warm_start, bool), "TrainConfig", f"warm_start must be true or false, got {self.warm_start!r}")
 
     def trainer_config(self) -> TrainerConfig:
         """The meta trainer's own config (without ``model`` and ``meta_steps``)."""
