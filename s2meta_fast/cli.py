@@ -184,7 +184,7 @@ def cmd_train(cfg: Config, args: argparse.Namespace) -> None:
 
 
 def cmd_evaluate(cfg: Config, args: argparse.Namespace) -> None:
-    from .eval.pipeline import clear_results, evaluate_methods, load_learner, prepare_data
+    from .eval.pipeline import adaptation_stage, clear_results, evaluate_methods, load_learner, prepare_data
     if not cfg.run.resume:
         clear_results(cfg.run.out)
     prepared = prepare_data(cfg)
@@ -192,11 +192,13 @@ def cmd_evaluate(cfg: Config, args: argparse.Namespace) -> None:
     if "s2meta" in cfg.eval.methods:
         learner = load_learner(cfg, prepared, args.checkpoint).to(cfg.run.device)
     evaluate_methods(cfg, prepared, learner)
+    if learner is not None:
+        adaptation_stage(cfg, prepared, learner)
     _print_table(cfg.run.out)
 
 
 def cmd_run(cfg: Config, args: argparse.Namespace) -> None:
-    from .eval.pipeline import check_run_folder, evaluate_methods, prepare_data, train_meta
+    from .eval.pipeline import adaptation_stage, check_run_folder, evaluate_methods, prepare_data, train_meta
     check_run_folder(cfg)
     start = time.perf_counter()
     prepared = prepare_data(cfg)
@@ -207,6 +209,8 @@ def cmd_run(cfg: Config, args: argparse.Namespace) -> None:
         learner = train_meta(cfg, prepared).to(cfg.run.device)
         seconds["meta_train_s"] = time.perf_counter() - start - seconds["prepare_s"]
     evaluate_methods(cfg, prepared, learner, seconds)
+    if learner is not None:
+        adaptation_stage(cfg, prepared, learner)
     log.info("run finished in %.1f s", time.perf_counter() - start)
     _print_table(cfg.run.out)
 

@@ -7,7 +7,9 @@ A run folder holds everything a stage needs to be skipped on ``--resume``:
     OUT/global.pt              the Global baseline's θ
     OUT/finetune.json          the Finetune (lr, steps) chosen on meta-validation scenarios
     OUT/methods/<name>.json    each method's metrics on the meta-test scenarios
-    OUT/results.json, .md      the pooled results (written last)
+    OUT/results.json, .md      the pooled results
+    OUT/adaptation.json        s²Meta's adaptation gain, steps and gates per scenario, the validation history
+    OUT/validation_curve.png   meta-validation Recall@20 against meta-steps (with matplotlib)
 
 Every file is written atomically, so a run killed at any point resumes from the last finished
 stage (and meta-training from its last checkpoint).
@@ -42,7 +44,7 @@ RESUME_FREE = {"quiet", "resume", "device", "methods", "out"}
 
 def clear_results(out: str) -> None:
     """Drops per-method results and results files: they are recomputed unless resuming."""
-    for stale in ("results.json", "results.md"):
+    for stale in ("results.json", "results.md", "adaptation.json", "validation_curve.png"):
         if os.path.exists(os.path.join(out, stale)):
             os.unlink(os.path.join(out, stale))
     methods = os.path.join(out, "methods")
@@ -129,6 +131,8 @@ def train_meta(cfg: Config, prepared: Any) -> Any:
     from ..meta.trainer import MetaTrainer
 
     learner = build_learner(cfg, prepared)
+    if cfg.train.warm_start:
+        warm_start_omega(cfg, prepared, learner)
     sampler = task_sampler(prepared, cfg.run.seed)
     valid = eval_tasks(prepared, "valid", cfg.run.seed)
     validate = validation_fn(cfg, valid) if valid else None
@@ -139,6 +143,21 @@ def train_meta(cfg: Config, prepared: Any) -> Any:
     log.info("meta-training: %d meta-steps, best validation %.4f, %.1f s", summary["step"], summary["best_score"],
              time.perf_counter() - start)
     return load_learner(cfg, prepared)
+
+
+def warm_start_omega(cfg: Config, prepared: Any, learner: Any) -> None:
+    """ω_R := the Global baseline's θ (OUT/global.pt, trained here if missing) before meta-training.
+
+    A departure from the paper, whose ω_R starts at a random init and learns only from
+    meta-train scenario tasks: Global also trains on every source-domain interaction, so the
+    learned init otherwise starts from less data than the baseline it must beat. On ``--resume``
+    the checkpoint's ω_R replaces this start, as every other trained parameter.
+    """
+    if learner.omega is None:
+        raise ConfigError("warm_start needs a learned initialisation (init: learned); init: random has no ω_R")
+    theta = global_theta(cfg, prepared, learner.model, learner.omega.device)
+    with torch.no_grad():
+        learner.omega.copy_(theta.to(learner.omega.dtype))
 
 
 def load_learner(cfg: Config, prepared: Any, checkpoint_path: Optional[str] = None) -> Any:
@@ -282,3 +301,19 @@ def evaluate_methods(cfg: Config, prepared: Any, learner: Any = None,
                         config=cfg.to_dict())
     write_results(cfg.run.out, doc)
     return doc
+
+
+def adaptation_stage(cfg: Config, prepared: Any, learner: Any) -> Dict[str, Any]:
+    """OUT/adaptation.json (gain, steps, α/β on the meta-valid and meta-test scenarios, the
+    validation history) and OUT/validation_curve.png; see :mod:`s2meta_fast.eval.adaptation`."""
+    from ..meta.checkpoint import load
+    from ..meta.trainer import LAST
+    from .adaptation import adaptation_report, write_adaptation
+
+    last = os.path.join(cfg.run.out, LAST)
+    history = load(last, map_location="cpu").get("history", []) if os.path.exists(last) else []
+    valid = eval_tasks(prepared, "valid", cfg.run.seed)
+    extra = {"valid": adaptation_report(learner, valid, seed=cfg.run.seed, block_size=cfg.eval.block_size,
+                                        stop=cfg.eval.eval_stop)} if valid else {}
+    return write_adaptation(cfg.run.out, learner, eval_tasks(prepared, "test", cfg.run.seed), history,
+                            seed=cfg.run.seed, block_size=cfg.eval.block_size, stop=cfg.eval.eval_stop, extra=extra)
