@@ -14,11 +14,11 @@ pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
 DIM = 8
 
 
-def make_learner(dtype=torch.float64, seed=0, **config):
+def make_learner(dtype=torch.float64, seed=0, dim=DIM, **config):
     torch.manual_seed(seed)
-    user_emb, item_emb = planted_world(dim=DIM, dtype=dtype)
+    user_emb, item_emb = planted_world(dim=dim, dtype=dtype)
     cfg = MetaConfig(**config)
-    learner = MetaLearner(build_model("interaction", DIM, fused=cfg.fused), user_emb, item_emb, cfg)
+    learner = MetaLearner(build_model("interaction", dim, fused=cfg.fused), user_emb, item_emb, cfg)
     return learner, item_emb
 
 
@@ -149,12 +149,15 @@ def test_no_host_sync_inside_the_inner_loop(monkeypatch):
     assert out.theta.shape == (3, learner.model.n_params) and terms.total.dim() == 0
 
 
-@pytest.mark.parametrize("dtype,fused", [(torch.float32, True), (torch.float64, True), (torch.float64, False)])
-def test_compact_loop_equals_the_masked_loop_bit_for_bit(dtype, fused):
+@pytest.mark.parametrize("dtype,fused,dim", [(torch.float32, True, DIM), (torch.float32, True, 32),
+                                             (torch.float64, True, DIM), (torch.float64, False, DIM)])
+def test_compact_loop_equals_the_masked_loop_bit_for_bit(dtype, fused, dim):
     """Dropping stopped scenarios (CPU) changes no value: θ, steps, live stop logits, losses, REINFORCE
     and every meta-gradient are identical to the masked loop's (the reference twin's GEMMs may sum
-    the controller's weight gradients in another order: 1e-12 there, bit for bit on the fused path)."""
-    learner, items = make_learner(dtype=dtype, fused=fused)
+    the controller's weight gradients in another order: 1e-12 there, bit for bit on the fused path).
+    At d = 32 a tensor's blocks of several scenarios would share a kernel chunk if chunks could
+    span scenarios; they cannot, so the weight-gradient partials of a dropped scenario are zero."""
+    learner, items = make_learner(dtype=dtype, fused=fused, dim=dim)
     assert learner._compacts(torch.device("cpu")) == fused
     with torch.no_grad():
         learner.stop_controller.head.bias.fill_(-0.5)  # mixed stopping times, all before t_max
