@@ -1,11 +1,11 @@
 """A benchmark with a known amount of scenario-specific preference (generated, no files).
 
 Users and items have latent vectors u, v in R^k. Outside the scenarios (the source domain) a
-user's choices follow u·v. Scenario c reweights the latent dimensions with its own vector
-``w_c = (1 − strength)·1 + strength·z_c``, z_c ~ N(0, I): inside c the user's choices follow
-(u ⊙ w_c)·v. At strength 0 every scenario shares the source domain's preference, so one global
-model is all a method can use; as the strength grows, each scenario's ranking departs from the
-global one in a direction its support pairs reveal — room for adaptation that the benchmark's
+user's choices follow u·v. Scenario c adds a taste of its own, shared by all its users: inside c
+the choices follow (u + strength·z_c)·v, z_c ~ N(0, I). At strength 0 every scenario shares the
+source domain's preference, so one global model is all a method can use; as the strength grows,
+each scenario's ranking departs from the global one in a direction its support pairs reveal
+(every support pair carries it, whoever the user) — room for adaptation that the benchmark's
 headroom diagnostic then measures. Choices are Gumbel-top-k draws (a Plackett-Luce sample) at
 temperature ``temp``.
 
@@ -23,7 +23,7 @@ STRENGTHS = {"planted0": 0.0, "planted05": 0.5, "planted1": 1.0, "planted2": 2.0
 def load_planted(data_dir: str | None = None, *, seed: int = 0, strength: float = 1.0, n_users: int = 1500,
                  n_source_items: int = 600, n_scenarios: int = 48, scenario_items: tuple = (35, 90), k: int = 16,
                  per_source: int = 20, per_scenario: int = 8, visit: float = 0.35, temp: float = 0.5,
-                 reserved_user_frac: float = 0.25, world_seed: int = 0) -> RawData:
+                 reserved_user_frac: float = 0.25, world_seed: int = 0, taste: str = "shared") -> RawData:
     """The planted world as RawData (tags = scenarios); `data_dir` is unused (nothing to read).
 
     The world (latents, scenario items, interactions) depends on `world_seed` and `strength`
@@ -33,6 +33,8 @@ def load_planted(data_dir: str | None = None, *, seed: int = 0, strength: float 
     """
     if strength < 0:
         raise ValueError(f"planted: strength must be >= 0, got {strength}")
+    if taste != "shared":  # the option names the generator in the prepared-data cache key
+        raise ValueError(f"planted: taste must be 'shared', got {taste!r}")
     del data_dir, seed
     rng = np.random.default_rng([int(world_seed), 4242])
     sizes = rng.integers(scenario_items[0], scenario_items[1] + 1, n_scenarios)
@@ -40,13 +42,12 @@ def load_planted(data_dir: str | None = None, *, seed: int = 0, strength: float 
     U = rng.normal(size=(n_users, k))
     V = rng.normal(size=(n_items, k)) / np.sqrt(k)
     Z = rng.normal(size=(n_scenarios, k))
-    W = (1.0 - strength) + strength * Z
     source = np.arange(n_source_items)
     owned = np.split(np.arange(n_source_items, n_items), np.cumsum(sizes)[:-1])
 
-    def pick(u: int, items: np.ndarray, n: int, w=None) -> np.ndarray:
+    def pick(u: int, items: np.ndarray, n: int, c=None) -> np.ndarray:
         n = min(max(n, 1), len(items))
-        taste = U[u] if w is None else U[u] * w
+        taste = U[u] if c is None else U[u] + strength * Z[c]
         logits = V[items] @ taste / temp + rng.gumbel(size=len(items))
         return items[np.argpartition(-logits, n - 1)[:n]]
 
@@ -57,7 +58,7 @@ def load_planted(data_dir: str | None = None, *, seed: int = 0, strength: float 
         src_i.append(chosen)
         for c, items in enumerate(owned):
             if rng.random() < visit:
-                chosen = pick(u, items, rng.poisson(per_scenario), W[c])
+                chosen = pick(u, items, rng.poisson(per_scenario), c)
                 tgt_u.append(np.full(len(chosen), u))
                 tgt_i.append(chosen)
     cat = lambda parts: np.concatenate(parts).astype(np.int64)  # noqa: E731
