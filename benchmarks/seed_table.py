@@ -10,6 +10,7 @@ and evaluation draws).
 Usage (results: docs/results.md):
 
     python benchmarks/seed_table.py --name ml100k /tmp/runs/ml100k-s0 /tmp/runs/ml100k-s1 ...
+    python benchmarks/seed_table.py --plot curves.png ml100k=/tmp/runs/ml100k-s0,... planted1=...
 """
 from __future__ import annotations
 
@@ -86,11 +87,42 @@ def table(name: str, runs: List[str]) -> str:
     return "\n".join(lines)
 
 
+def plot_curves(groups: Dict[str, List[str]], path: str) -> None:
+    """Meta-validation Recall@20 against meta-steps, one panel per group, one line per seed."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(groups), figsize=(4.2 * len(groups), 3.4), squeeze=False)
+    for ax, (name, runs) in zip(axes[0], groups.items()):
+        for run in runs:
+            with open(os.path.join(run, "adaptation.json")) as fh:
+                ad = json.load(fh)
+            with open(os.path.join(run, "finetune.json")) as fh:
+                ft = json.load(fh)
+            hist = [h for h in ad["validation_history"] if "valid_score" in h]
+            line, = ax.plot([h["step"] for h in hist], [100 * h["valid_score"] for h in hist], "o-", markersize=3,
+                            label=f"seed {load(run)['seed']}")
+            ax.axhline(100 * ft["score"], color=line.get_color(), linestyle=":", linewidth=1)
+        ax.set_title(name, fontsize=10)
+        ax.set_xlabel("meta-step")
+        ax.set_ylabel("meta-validation Recall@20 (%)")
+        ax.legend(fontsize=7)
+    fig.suptitle("s²Meta meta-validation curves (dotted: Finetune's validation score, same seed)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("runs", nargs="+")
+    ap.add_argument("runs", nargs="+", help="run folders; NAME=DIR,DIR,... groups them when --plot is given")
     ap.add_argument("--name", default="benchmark")
+    ap.add_argument("--plot", help="write the groups' validation curves to this PNG instead of a table")
     args = ap.parse_args(argv)
+    if args.plot:
+        groups = dict(arg.split("=", 1) for arg in args.runs)
+        plot_curves({k: v.split(",") for k, v in groups.items()}, args.plot)
+        return 0
     print(table(args.name, args.runs))
     return 0
 
