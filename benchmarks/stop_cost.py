@@ -6,7 +6,8 @@ times, for each inner-loop mode (``masked``: every scenario computed for all T_m
 
 * meta-training: ``--steps`` meta-steps of ``meta_batch`` scenarios drawn by the run's task
   sampler (inner loop + query loss + REINFORCE + backward + grad clip + Adam), from the trained
-  learner, the stop sampled as trained; both modes get the same batches and draws;
+  learner, the stop sampled as trained; both modes get the same batches and draws, and take
+  their meta-steps in turn so that a shared host's changing load hits both alike;
 * evaluation: the protocol on the meta-test scenarios (s²Meta only), its Recall@20 checked equal.
 
 Usage (results: docs/performance.md):
@@ -32,26 +33,31 @@ from s2meta_fast.meta.graphs import eager_meta_step
 from s2meta_fast.meta.trainer import build_optimizer
 
 
-def meta_train(learner, cfg, prepared, steps: int, compact: bool):
-    learner = copy.deepcopy(learner)
-    learner.compact_stopped = compact
+def meta_train(learner, cfg, prepared, steps: int):
+    """Both modes side by side, one meta-step each in turn (a shared host's load hits both alike)."""
     tcfg = cfg.train.trainer_config()
-    optimizer = build_optimizer(learner, tcfg)
     sampler = task_sampler(prepared, cfg.run.seed)
-    generator = torch.Generator().manual_seed(cfg.run.seed)
-    params = [p for p in learner.parameters() if p.requires_grad]
     batches = [sampler.train_batch(prepared.train, tcfg.meta_batch) for _ in range(steps)]
-    total_steps = 0.0
-    start = time.perf_counter()
+    runs = {}
+    for compact in (False, True):
+        copy_ = copy.deepcopy(learner)
+        copy_.compact_stopped = compact
+        runs[compact] = {"learner": copy_, "optimizer": build_optimizer(copy_, tcfg), "seconds": 0.0,
+                         "generator": torch.Generator().manual_seed(cfg.run.seed), "updates": 0.0,
+                         "params": [p for p in copy_.parameters() if p.requires_grad]}
     for batch in batches:
-        noise = learner.draw_noise(batch, generator)
-        terms = eager_meta_step(learner, batch, noise)
-        torch.nn.utils.clip_grad_value_(params, tcfg.grad_clip)
-        optimizer.step()
-        total_steps += float(terms.steps.float().mean())
-    seconds = time.perf_counter() - start
-    return {"scenarios_per_s": steps * tcfg.meta_batch / seconds, "seconds": seconds,
-            "mean_updates": total_steps / steps, "omega": learner.omega.detach().clone()}
+        for compact in (False, True):
+            r = runs[compact]
+            start = time.perf_counter()
+            noise = r["learner"].draw_noise(batch, r["generator"])
+            terms = eager_meta_step(r["learner"], batch, noise)
+            torch.nn.utils.clip_grad_value_(r["params"], tcfg.grad_clip)
+            r["optimizer"].step()
+            r["seconds"] += time.perf_counter() - start
+            r["updates"] += float(terms.steps.float().mean())
+    return {compact: {"scenarios_per_s": steps * tcfg.meta_batch / r["seconds"], "seconds": r["seconds"],
+                      "mean_updates": r["updates"] / steps, "omega": r["learner"].omega.detach().clone()}
+            for compact, r in runs.items()}
 
 
 def evaluation(learner, cfg, tasks, compact: bool):
@@ -76,7 +82,7 @@ def main(argv=None) -> int:
     tasks = eval_tasks(prepared, "test", cfg.run.seed)
     print(f"{args.run}: {cfg.data.dataset}, meta-batch {cfg.train.meta_batch}, T_max {cfg.meta.t_max}, "
           f"threads {torch.get_num_threads()}")
-    train = {mode: meta_train(learner, cfg, prepared, args.steps, mode) for mode in (False, True)}
+    train = meta_train(learner, cfg, prepared, args.steps)
     same = torch.equal(train[False]["omega"], train[True]["omega"])
     for mode in (False, True):
         r = train[mode]
@@ -84,10 +90,12 @@ def main(argv=None) -> int:
               f"({args.steps} meta-steps in {r['seconds']:.1f} s, mean {r['mean_updates']:.2f} updates)")
     print(f"  speed-up {train[True]['scenarios_per_s'] / train[False]['scenarios_per_s']:.2f}x; "
           f"ω_R after {args.steps} meta-steps identical: {same}")
-    ev = {}
+    passes = {False: [], True: []}
+    for _ in range(args.repeats):  # the modes in turn, as for meta-training
+        for mode in (False, True):
+            passes[mode].append(evaluation(learner, cfg, tasks, mode))
+    ev = {mode: max(runs, key=lambda r: r["scenarios_per_s"]) for mode, runs in passes.items()}
     for mode in (False, True):
-        runs = [evaluation(learner, cfg, tasks, mode) for _ in range(args.repeats)]
-        ev[mode] = max(runs, key=lambda r: r["scenarios_per_s"])
         print(f"evaluate   {'compact' if mode else 'masked '}: {ev[mode]['scenarios_per_s']:7.1f} scenarios/s "
               f"({len(tasks)} scenarios in {ev[mode]['seconds']:.2f} s, best of {args.repeats}); "
               f"Recall@20 {100 * ev[mode]['recall@20']:.4f}")
