@@ -105,7 +105,9 @@ class TrainConfig(TrainerConfig):
         meta_steps: meta-training steps in total (each adapts ``meta_batch`` scenarios).
         warm_start: start ω_R from the Global baseline's θ (trained on the meta-train scenarios
             and the source domain) instead of a random init — a departure from the paper
-            (docs/method.md).
+            (docs/method.md). On by default: it won on meta-validation (ml100k Recall@20 79.13
+            against 78.36 at seed 0) and, over 5 seeds, puts s²Meta ahead of Global and Finetune
+            (docs/results.md); ``--no-warm-start`` is the paper's random init.
     """
 
     lr_init: float = 1e-3
@@ -116,7 +118,7 @@ class TrainConfig(TrainerConfig):
     log_every: int = 25
     model: str = "interaction"
     meta_steps: int = 400
-    warm_start: bool = False
+    warm_start: bool = True
 
     def __post_init__(self) -> None:
         super().__post_init__()
