@@ -132,7 +132,7 @@ def test_warm_start_begins_at_global_and_round_trips_through_resume(dataset, tmp
     monkeypatch.setattr(trainer_mod.MetaTrainer, "_periodic", interrupt_at_step_2)
     assert cli.main(["train", *dataset, *TINY, "--warm-start", "--out", out]) == cli.EXIT_INTERRUPTED
     monkeypatch.setattr(trainer_mod.MetaTrainer, "_periodic", periodic)
-    assert cli.main(["train", *dataset, *TINY, "--out", out, "--resume"]) == cli.EXIT_USAGE
+    assert cli.main(["train", *dataset, *TINY, "--no-warm-start", "--out", out, "--resume"]) == cli.EXIT_USAGE
     assert "warm_start (True -> False)" in capsys.readouterr().err
     assert cli.main(["train", *dataset, *TINY, "--warm-start", "--out", out, "--resume"]) == 0
     assert torch.equal(_omega(os.path.join(out, "checkpoint.pt")), moved)
