@@ -87,6 +87,28 @@ def table(name: str, runs: List[str]) -> str:
     return "\n".join(lines)
 
 
+def controllers(name: str, runs: List[str]) -> str:
+    """One markdown row: mean α / β per tensor, updates and per-scenario gain over the runs' test scenarios."""
+    alpha: Dict[str, List[float]] = {}
+    beta: Dict[str, List[float]] = {}
+    steps: List[int] = []
+    gains: List[float] = []
+    for run in runs:
+        with open(os.path.join(run, "adaptation.json")) as fh:
+            rows = json.load(fh)["scenarios"]
+        for row in rows:
+            steps.append(row["steps"])
+            gains.append(100 * row["gain"])
+            for t, v in row["alpha_mean"].items():
+                alpha.setdefault(t, []).append(v)
+            for t, v in row["beta_mean"].items():
+                beta.setdefault(t, []).append(v)
+    mean = lambda v: sum(v) / len(v)  # noqa: E731
+    cells = [f"{mean(alpha[t]):.3f} / {mean(beta[t]):.3f}" for t in alpha]
+    return (f"| {name} ({len(steps)} scenarios) | " + " | ".join(cells) + f" | {mean(steps):.2f} ({min(steps)}–{max(steps)}) | "
+            f"{mean(gains):+.2f} ({min(gains):+.2f} … {max(gains):+.2f}) |  <!-- tensors: {', '.join(alpha)} -->")
+
+
 def plot_curves(groups: Dict[str, List[str]], path: str) -> None:
     """Meta-validation Recall@20 against meta-steps, one panel per group, one line per seed."""
     import matplotlib
@@ -118,7 +140,12 @@ def main(argv=None) -> int:
     ap.add_argument("runs", nargs="+", help="run folders; NAME=DIR,DIR,... groups them when --plot is given")
     ap.add_argument("--name", default="benchmark")
     ap.add_argument("--plot", help="write the groups' validation curves to this PNG instead of a table")
+    ap.add_argument("--controllers", action="store_true",
+                    help="one row of mean α / β per tensor, updates and adaptation gain instead of the table")
     args = ap.parse_args(argv)
+    if args.controllers:
+        print(controllers(args.name, args.runs))
+        return 0
     if args.plot:
         groups = dict(arg.split("=", 1) for arg in args.runs)
         plot_curves({k: v.split(",") for k, v in groups.items()}, args.plot)
