@@ -98,7 +98,11 @@ class TrainConfig(TrainerConfig):
     minutes on a 2-core CPU: 400 meta-steps of 8 scenarios instead of tens of thousands of
     one-scenario steps, hence 10× the authors' Adam rates for ω_R and the update controller (at
     1e-4, 300 steps leave ω_R near its random init: ml100k Recall@20 75.3 vs 83.6 at 1e-3).
-    ``--lr-init 1e-4 --lr-update 1e-4`` restores the authors' rates (docs/evaluation.md).
+    ``--lr-init 1e-4 --lr-update 1e-4`` restores the authors' rates (docs/evaluation.md). The stop
+    controller's rate is 200× the authors' 5e-5: at 5e-5, 400 meta-steps leave it at its init
+    (p ≈ 0.5, every loop stops right after t_min); at 1e-2 it learns within 50 meta-steps to run
+    the loop where updates pay and to stop where they do not, and it won on meta-validation
+    (docs/results.md §4).
 
     Attributes:
         model: recommender kind (interaction, mapping, hybrid).
@@ -112,6 +116,7 @@ class TrainConfig(TrainerConfig):
 
     lr_init: float = 1e-3
     lr_update: float = 1e-3
+    lr_stop: float = 1e-2
     meta_batch: int = 8
     validate_every: int = 50
     checkpoint_every: int = 50
