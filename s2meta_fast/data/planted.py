@@ -23,18 +23,20 @@ STRENGTHS = {"planted0": 0.0, "planted05": 0.5, "planted1": 1.0, "planted2": 2.0
 def load_planted(data_dir: str | None = None, *, seed: int = 0, strength: float = 1.0, n_users: int = 1500,
                  n_source_items: int = 600, n_scenarios: int = 48, scenario_items: tuple = (35, 90), k: int = 16,
                  per_source: int = 20, per_scenario: int = 8, visit: float = 0.35, temp: float = 0.5,
-                 reserved_user_frac: float = 0.25, world_seed: int = 0, taste: str = "shared") -> RawData:
+                 reserved_user_frac: float = 0.25, world_seed: int = 0, taste: str = "scenario_users") -> RawData:
     """The planted world as RawData (tags = scenarios); `data_dir` is unused (nothing to read).
 
     The world (latents, scenario items, interactions) depends on `world_seed` and `strength`
     only, so the run seed varies the split and training, not the data — as for a real dataset.
     A `reserved_user_frac` of the users train the embeddings with all their choices and are
     never scenario users (as ml100k's): without them no scenario item would have an embedding.
+    They choose scenario items by their own taste, so the embeddings do not give the scenarios'
+    tastes away.
     """
     if strength < 0:
         raise ValueError(f"planted: strength must be >= 0, got {strength}")
-    if taste != "shared":  # the option names the generator in the prepared-data cache key
-        raise ValueError(f"planted: taste must be 'shared', got {taste!r}")
+    if taste != "scenario_users":  # the option names the generator in the prepared-data cache key
+        raise ValueError(f"planted: taste must be 'scenario_users', got {taste!r}")
     del data_dir, seed
     rng = np.random.default_rng([int(world_seed), 4242])
     sizes = rng.integers(scenario_items[0], scenario_items[1] + 1, n_scenarios)
@@ -51,6 +53,9 @@ def load_planted(data_dir: str | None = None, *, seed: int = 0, strength: float 
         logits = V[items] @ taste / temp + rng.gumbel(size=len(items))
         return items[np.argpartition(-logits, n - 1)[:n]]
 
+    reserved = np.sort(rng.permutation(n_users)[:int(round(reserved_user_frac * n_users))])
+    is_reserved = np.zeros(n_users, bool)
+    is_reserved[reserved] = True
     src_u, src_i, tgt_u, tgt_i = [], [], [], []
     for u in range(n_users):
         chosen = pick(u, source, rng.poisson(per_source))
@@ -58,13 +63,14 @@ def load_planted(data_dir: str | None = None, *, seed: int = 0, strength: float 
         src_i.append(chosen)
         for c, items in enumerate(owned):
             if rng.random() < visit:
-                chosen = pick(u, items, rng.poisson(per_scenario), c)
+                # the embedding-only users choose by their own taste: the frozen item embeddings
+                # then carry no scenario's taste, which only its support pairs can reveal
+                chosen = pick(u, items, rng.poisson(per_scenario), None if is_reserved[u] else c)
                 tgt_u.append(np.full(len(chosen), u))
                 tgt_i.append(chosen)
     cat = lambda parts: np.concatenate(parts).astype(np.int64)  # noqa: E731
     tags = {f"planted:{c:02d}": items.astype(np.int64) for c, items in enumerate(owned)}
     src_u, src_i, tgt_u, tgt_i = cat(src_u), cat(src_i), cat(tgt_u), cat(tgt_i)
-    reserved = np.sort(rng.permutation(n_users)[:int(round(reserved_user_frac * n_users))])
     return RawData(name="planted", user_ids=np.arange(n_users), item_ids=np.arange(n_items),
                    source_users=src_u, source_items=src_i, target_users=tgt_u, target_items=tgt_i, tags=tags,
                    reserved_users=reserved,

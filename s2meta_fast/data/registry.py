@@ -55,7 +55,7 @@ for _name, _strength in planted.STRENGTHS.items():
     DATASETS[_name] = DatasetSpec(
         _name, planted.load_planted,
         f"generated: scenario-specific preferences planted at strength {_strength:g} (no files)",
-        {}, min_items=30, max_items=400, mf_epochs=20, options={"strength": _strength, "taste": "shared"})
+        {}, min_items=30, max_items=400, mf_epochs=20, options={"strength": _strength, "taste": "scenario_users"})
 
 
 def available_datasets() -> list[str]:
