@@ -64,6 +64,18 @@ def test_run_writes_results_for_all_methods(straight_run, capsys):
     table = open(os.path.join(out, "results.md")).read()
     assert "| s²Meta |" in table and "| Improve |" in table and "Recall@20" in table
     assert not [n for n in os.listdir(out) if n.startswith(".tmp")]   # atomic writes left no temp file
+    with open(os.path.join(out, "adaptation.json")) as fh:
+        adaptation = json.load(fh)
+    summary = adaptation["summary"]
+    assert summary["n_scenarios"] == doc["n_test_scenarios"] and summary["n_users"] == doc["n_test_users"]
+    # the adapted θ of the report is the one the evaluation scored (same blocks, same draws)
+    assert summary["recall@20_after"] == pytest.approx(doc["methods"]["s2meta"]["recall@20"], abs=1e-12)
+    row = adaptation["scenarios"][0]
+    assert row["gain"] == pytest.approx(row["recall@20_after"] - row["recall@20_before"])
+    assert 2 <= row["steps"] <= 5 and set(row["alpha_mean"]) == set(row["beta_mean"]) and len(row["alpha_mean"]) == 8
+    assert [h["step"] for h in adaptation["validation_history"] if "valid_score" in h] == [1, 2, 3]
+    assert adaptation["valid"]["summary"]["n_scenarios"] >= 1
+    assert os.path.getsize(os.path.join(out, "validation_curve.png")) > 0
 
     # evaluate re-runs the protocol from the folder's own config: same seed, same numbers
     assert cli.main(["evaluate", "--out", out, "--quiet", "--methods", "s2meta", "itempop"]) == 0
@@ -94,6 +106,38 @@ def test_interrupted_run_resumes_to_the_same_result(dataset, straight_run, tmp_p
     assert cli.main(["run", *dataset, *TINY, "--out", out, "--resume"]) == 0
     assert trainer_mod.checkpoint.load(os.path.join(out, "checkpoint.pt"))["step"] == 3
     assert _results(out)["methods"] == straight_run[2]["methods"]
+
+
+def _omega(path):
+    return trainer_mod.checkpoint.load(path)["learner"]["omega"]
+
+
+def test_warm_start_begins_at_global_and_round_trips_through_resume(dataset, tmp_path, monkeypatch, capsys):
+    start = str(tmp_path / "start")
+    assert cli.main(["train", *dataset, *TINY, "--warm-start", "--meta-steps", "0", "--out", start]) == 0
+    global_theta = trainer_mod.checkpoint.load(os.path.join(start, "global.pt"))["theta"]
+    assert torch.equal(_omega(os.path.join(start, "checkpoint.pt")), global_theta.to(torch.float32))
+
+    straight = str(tmp_path / "straight")
+    assert cli.main(["train", *dataset, *TINY, "--warm-start", "--out", straight]) == 0
+    moved = _omega(os.path.join(straight, "checkpoint.pt"))
+    assert not torch.equal(moved, global_theta.to(moved.dtype))   # meta-training went on from there
+
+    out = str(tmp_path / "interrupted")
+    periodic = trainer_mod.MetaTrainer._periodic
+
+    def interrupt_at_step_2(self, running):
+        if self.step == 2:
+            raise KeyboardInterrupt
+        periodic(self, running)
+
+    monkeypatch.setattr(trainer_mod.MetaTrainer, "_periodic", interrupt_at_step_2)
+    assert cli.main(["train", *dataset, *TINY, "--warm-start", "--out", out]) == cli.EXIT_INTERRUPTED
+    monkeypatch.setattr(trainer_mod.MetaTrainer, "_periodic", periodic)
+    assert cli.main(["train", *dataset, *TINY, "--no-warm-start", "--out", out, "--resume"]) == cli.EXIT_USAGE
+    assert "warm_start (True -> False)" in capsys.readouterr().err
+    assert cli.main(["train", *dataset, *TINY, "--warm-start", "--out", out, "--resume"]) == 0
+    assert torch.equal(_omega(os.path.join(out, "checkpoint.pt")), moved)
 
 
 def test_resume_refuses_changed_settings_and_missing_runs(dataset, tmp_path, capsys):

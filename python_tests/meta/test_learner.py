@@ -14,11 +14,11 @@ pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
 DIM = 8
 
 
-def make_learner(dtype=torch.float64, seed=0, **config):
+def make_learner(dtype=torch.float64, seed=0, dim=DIM, **config):
     torch.manual_seed(seed)
-    user_emb, item_emb = planted_world(dim=DIM, dtype=dtype)
+    user_emb, item_emb = planted_world(dim=dim, dtype=dtype)
     cfg = MetaConfig(**config)
-    learner = MetaLearner(build_model("interaction", DIM, fused=cfg.fused), user_emb, item_emb, cfg)
+    learner = MetaLearner(build_model("interaction", dim, fused=cfg.fused), user_emb, item_emb, cfg)
     return learner, item_emb
 
 
@@ -137,6 +137,7 @@ def test_no_host_sync_inside_the_inner_loop(monkeypatch):
             raise AssertionError(f"host sync: Tensor.{name} called inside the inner loop")
         return raise_
 
+    learner.compact_stopped = False  # the masked loop (CUDA graphs); the compact one reads flags by design
     with monkeypatch.context() as patch:
         for name in ("item", "tolist", "__bool__", "__float__", "__int__", "__index__", "numpy", "cpu"):
             patch.setattr(torch.Tensor, name, forbidden(name))
@@ -146,6 +147,56 @@ def test_no_host_sync_inside_the_inner_loop(monkeypatch):
         terms = learner.meta_loss(batch, noise=noise)
     assert not calls
     assert out.theta.shape == (3, learner.model.n_params) and terms.total.dim() == 0
+
+
+@pytest.mark.parametrize("dtype,fused,dim", [(torch.float32, True, DIM), (torch.float32, True, 32),
+                                             (torch.float64, True, DIM), (torch.float64, False, DIM)])
+def test_compact_loop_equals_the_masked_loop_bit_for_bit(dtype, fused, dim):
+    """Dropping stopped scenarios (CPU) changes no value: θ, steps, live stop logits, losses, REINFORCE
+    and every meta-gradient are identical to the masked loop's (the reference twin's GEMMs may sum
+    the controller's weight gradients in another order: 1e-12 there, bit for bit on the fused path).
+    At d = 32 a tensor's blocks of several scenarios would share a kernel chunk if chunks could
+    span scenarios; they cannot, so the weight-gradient partials of a dropped scenario are zero."""
+    learner, items = make_learner(dtype=dtype, fused=fused, dim=dim)
+    assert learner._compacts(torch.device("cpu")) == fused
+    with torch.no_grad():
+        learner.stop_controller.head.bias.fill_(-0.5)  # mixed stopping times, all before t_max
+    batch = planted_batch(items, 40, 8, seed=3)
+    noise = learner.draw_noise(batch, torch.Generator().manual_seed(11))
+    params = list(learner.parameters())
+    runs = {}
+    for compact in (False, True):
+        learner.compact_stopped = compact
+        adapted = learner.adapt(batch, noise=noise)
+        terms = learner.meta_loss(batch, noise=noise)
+        runs[compact] = adapted, terms, torch.autograd.grad(terms.total, params, allow_unused=True)
+    (a_masked, t_masked, g_masked), (a_compact, t_compact, g_compact) = runs[False], runs[True]
+    steps = a_masked.steps
+    assert len(set(steps.tolist())) > 1 and steps.max() < learner.config.t_max  # drops and an early end
+    assert torch.equal(a_compact.theta, a_masked.theta) and torch.equal(a_compact.steps, steps)
+    assert torch.equal(a_compact.updated, a_masked.updated)
+    live = torch.arange(a_masked.stop_logit.shape[0]).unsqueeze(1) <= steps  # steps that computed p
+    assert torch.equal(a_compact.stop_logit[live], a_masked.stop_logit[live])
+    for field in ("total", "query_loss", "reinforce", "steps"):
+        assert torch.equal(getattr(t_compact, field), getattr(t_masked, field)), field
+    for (name, _), got, expect in zip(learner.named_parameters(), g_compact, g_masked):
+        if fused:
+            assert (got is None and expect is None) or torch.equal(got, expect), name
+        elif expect is not None:
+            torch.testing.assert_close(got, expect, rtol=1e-12, atol=1e-15, msg=name)
+
+
+def test_compact_loop_ends_when_every_scenario_has_stopped():
+    learner, items = make_learner()
+    force_stop_bias(learner, 30.0)
+    batch = planted_batch(items, 40, 3)
+    learner.compact_stopped = True
+    calls = []
+    step = learner.model.loss_and_grad
+    learner.model.loss_and_grad = lambda *a, **k: calls.append(a[0].shape[0]) or step(*a, **k)
+    out = learner.adapt(batch, generator=torch.Generator().manual_seed(0))
+    assert out.steps.tolist() == [4, 4, 4] and out.updated.shape == (learner.config.t_max, 3)
+    assert calls == [3] * 5  # t_min updates, the step that stops, nothing after
 
 
 def test_one_meta_step_changes_omega_and_lowers_the_query_loss():

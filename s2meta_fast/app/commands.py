@@ -22,8 +22,8 @@ from ..plot import draw_figure, record_scenario
 from . import compare as compare_mod
 from . import run_folder
 from .transaction import STAGING
-from .stages import (check_device, check_ranks_agree, eval_tasks, evaluate_methods, global_theta, load_learner,
-                     prepare_data, train_meta)
+from .stages import (adaptation_stage, check_device, check_ranks_agree, eval_tasks, evaluate_methods, global_theta,
+                     load_learner, prepare_data, train_meta)
 
 if TYPE_CHECKING:
     from .recommender import Recommender
@@ -96,6 +96,8 @@ def evaluate(cfg: Config, checkpoint: Optional[str] = None) -> Dict[str, Any]:
             if "s2meta" in cfg.eval.methods:
                 learner = load_learner(staged, prepared, checkpoint, group)
             doc = evaluate_methods(staged, prepared, learner, group=group)
+            if learner is not None and group.is_writer:
+                adaptation_stage(staged, prepared, learner)
         return _committed(doc, cfg)
 
 
@@ -114,6 +116,8 @@ def run(cfg: Config) -> Dict[str, Any]:
                 learner = train_meta(staged, prepared, group)
                 seconds["meta_train_s"] = time.perf_counter() - start - seconds["prepare_s"]
             doc = evaluate_methods(staged, prepared, learner, seconds, group)
+            if learner is not None and group.is_writer:
+                adaptation_stage(staged, prepared, learner)
         log.info("run finished in %.1f s", time.perf_counter() - start)
         return _committed(doc, cfg)
 

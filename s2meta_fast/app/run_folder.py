@@ -32,6 +32,7 @@ CONFIG_FILE = "config.yaml"
 GLOBAL_FILE = "global.pt"
 FINETUNE_FILE = "finetune.json"
 RESULT_FILES = ("results.json", "results.md")
+ADAPTATION_FILES = ("adaptation.json", "validation_curve.png")
 METHODS_DIR = "methods"
 
 # Options that may change between an interrupted run and its resumption without changing results.
@@ -41,7 +42,7 @@ RESUME_FREE = {"quiet", "resume", "device", "methods", "out", "keep_freed_memory
 
 def clear_results(out: str) -> None:
     """Drops per-method results and results files: they are recomputed unless resuming."""
-    for stale in RESULT_FILES:
+    for stale in RESULT_FILES + ADAPTATION_FILES:
         if os.path.exists(os.path.join(out, stale)):
             os.unlink(os.path.join(out, stale))
     methods = os.path.join(out, METHODS_DIR)

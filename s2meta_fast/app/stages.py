@@ -22,6 +22,7 @@ from ..errors import CheckpointError, ConfigError, DataError, RunFolderError
 from ..eval.baselines import (Finetune, FinetuneGrid, GlobalModel, GlobalTrainConfig, ItemPop, S2Meta,
                               global_item_counts, select_finetune, train_global)
 from ..eval.cross_domain import CROSS_DOMAIN, NeuMF, build_domains, reduced_grid, select_cross_domain
+from ..eval.adaptation import adaptation_report, write_adaptation
 from ..eval.methods import METHODS
 from ..eval.protocol import Method, evaluate
 from ..eval.results import build_results, write_results
@@ -29,7 +30,7 @@ from ..meta import MetaLearner, MetaTrainer
 from ..meta import checkpoint as checkpoints
 from ..meta import distributed
 from ..meta.distributed import SINGLE, Group
-from ..meta.trainer import checkpoint_differences
+from ..meta.trainer import LAST, checkpoint_differences
 from ..models import FlatRecommender, build_model
 from . import run_folder
 
@@ -98,6 +99,8 @@ def train_meta(cfg: Config, prepared: PreparedData, group: Group = SINGLE) -> Me
     if not prepared.train:
         raise DataError(f"{prepared.name}: no meta-train scenario; lower --min-items or raise --max-items")
     learner = build_learner(cfg, prepared)
+    if cfg.train.warm_start:
+        warm_start_omega(cfg, prepared, learner, group)
     valid = eval_tasks(prepared, "valid", cfg.run.seed)
     trainer = MetaTrainer(learner, TaskSampler(prepared, cfg.run.seed), prepared.train, cfg.train, cfg.run.out,
                           validate=validation_fn(cfg, valid, group) if valid else None,
@@ -107,6 +110,37 @@ def train_meta(cfg: Config, prepared: PreparedData, group: Group = SINGLE) -> Me
     log.info("meta-training: %d meta-steps, best validation %.4f, %.1f s", summary["step"], summary["best_score"],
              time.perf_counter() - start)
     return load_learner(cfg, prepared, group=group)
+
+
+def warm_start_omega(cfg: Config, prepared: PreparedData, learner: MetaLearner, group: Group = SINGLE) -> None:
+    """ω_R := the Global baseline's θ (OUT/global.pt, trained here if missing) before meta-training.
+
+    A departure from the paper, whose ω_R starts at a random init and learns only from
+    meta-train scenario tasks: Global also trains on every source-domain interaction, so the
+    learned init otherwise starts from less data than the baseline it must beat. On ``--resume``
+    the checkpoint's ω_R replaces this start, as every other trained parameter.
+    """
+    if learner.omega is None:
+        raise ConfigError("warm_start needs a learned initialisation (init: learned); init: random has no ω_R")
+    device = learner.omega.device
+    # rank 0 trains and caches Global; the other ranks then read OUT/global.pt
+    theta = distributed.writer_first(lambda: global_theta(cfg, prepared, learner.model, device), group)
+    with torch.no_grad():
+        learner.omega.copy_(theta.to(device=device, dtype=learner.omega.dtype))
+
+
+def adaptation_stage(cfg: Config, prepared: PreparedData, learner: MetaLearner) -> Dict[str, Any]:
+    """OUT/adaptation.json (adaptation gain, steps, α/β per scenario on the meta-valid and
+    meta-test scenarios, the validation history) and OUT/validation_curve.png; see
+    :mod:`s2meta_fast.eval.adaptation`."""
+    last = os.path.join(cfg.run.out, LAST)
+    history = checkpoints.load(last, map_location="cpu").get("history", []) if os.path.exists(last) else []
+    stop = cfg.stop_at_evaluation
+    valid = eval_tasks(prepared, "valid", cfg.run.seed)
+    extra = {"valid": adaptation_report(learner, valid, seed=cfg.run.seed, block_size=cfg.eval.block_size,
+                                        stop=stop)} if valid else {}
+    return write_adaptation(cfg.run.out, learner, eval_tasks(prepared, "test", cfg.run.seed), history,
+                            seed=cfg.run.seed, block_size=cfg.eval.block_size, stop=stop, extra=extra)
 
 
 def load_learner(cfg: Config, prepared: PreparedData, checkpoint_path: Optional[str] = None,
@@ -341,6 +375,6 @@ def check_ranks_agree(cfg: Config, prepared: Optional[PreparedData], group: Grou
     distributed.check_same(parts, group)
 
 
-__all__ = ["build_learner", "check_device", "check_ranks_agree", "cross_domain_choice", "cross_domain_grid",
+__all__ = ["adaptation_stage", "build_learner", "check_device", "check_ranks_agree", "cross_domain_choice", "cross_domain_grid",
            "data_fingerprint", "eval_tasks", "evaluate_methods", "finetune_choice", "global_theta", "load_learner",
-           "make_method", "prepare_data", "train_meta", "validation_fn"]
+           "make_method", "prepare_data", "train_meta", "validation_fn", "warm_start_omega"]

@@ -10,7 +10,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-from . import amazon, cache, movielens, taobao
+from . import amazon, cache, movielens, planted, taobao
 from .embeddings import default_cache_dir
 from .errors import UnknownDatasetError
 from .prepared import PreparedData, load_prepared, save_prepared
@@ -51,6 +51,11 @@ DATASETS: dict[str, DatasetSpec] = {
         "taobao", taobao.load_taobao, "Taobao Cloud Theme; themes as scenarios, given embeddings",
         taobao.FILES, min_items=100, max_items=1000),
 }
+for _name, _strength in planted.STRENGTHS.items():
+    DATASETS[_name] = DatasetSpec(
+        _name, planted.load_planted,
+        f"generated: scenario-specific preferences planted at strength {_strength:g} (no files)",
+        {}, min_items=30, max_items=400, mf_epochs=20, options={"strength": _strength, "taste": "scenario_users"})
 
 
 def available_datasets() -> list[str]:

@@ -1,8 +1,15 @@
 """MetaLearner: learned init ω_R, update controller, stop controller and the inner loop (Alg. 1).
 
-The inner loop adapts S scenarios at once over a flat θ [S, N]. A scenario that stops keeps its
-θ frozen (``torch.where``) while the others go on, so the loop always runs
-its full length with no host synchronisation: stopping is a mask, not a ``break``.
+The inner loop adapts S scenarios at once over a flat θ [S, N]. Two ways to handle a stop, with
+the same numbers:
+
+- *masked* (CUDA): a stopped scenario keeps its θ frozen (``torch.where``) while the others go on,
+  so the loop always runs its full length with no host synchronisation and can be captured in a
+  CUDA graph; stopped scenarios are computed and discarded.
+- *compact* (CPU with the fused kernels, where a host read costs nothing): between steps the loop reads which scenarios
+  are still active, drops the stopped ones from every per-scenario tensor, and ends as soon as
+  none is left. The stop controller ends most loops a few steps after ``t_min``, so this skips
+  most of the work of T_max steps.
 """
 from __future__ import annotations
 
@@ -59,6 +66,25 @@ class Trajectory:
         if self.query_loss is not None:
             out["query_loss"] = self.query_loss[:, index].tolist()
         return out
+
+
+@dataclass
+class _LoopInputs:
+    """The per-scenario inputs of the inner loop (rows dropped together when scenarios stop)."""
+
+    users: Tensor
+    positives: Tensor
+    support_item_index: Tensor
+    pool: Tensor
+    pool_size: Tensor
+    neg: Tensor                       # [T, S, n] noise
+    query: Optional[tuple] = None     # (users, pos, neg) embeddings when the query loss is tracked
+
+    def select(self, index: Tensor) -> "_LoopInputs":
+        query = None if self.query is None else tuple(q.index_select(0, index) for q in self.query)
+        return _LoopInputs(self.users.index_select(0, index), self.positives.index_select(0, index),
+                           self.support_item_index.index_select(0, index), self.pool.index_select(0, index),
+                           self.pool_size.index_select(0, index), self.neg.index_select(1, index), query)
 
 
 @dataclass
@@ -143,6 +169,10 @@ class MetaLearner(nn.Module):
             self.update_controller = None
         # kept under every stop mode so a FixedStep-trained learner can still be evaluated with a stop
         self.stop_controller = StopController(model.n_tensors, p=config.p, fused=config.fused)
+        # None: compact on the CPU with the fused kernels, mask elsewhere (see the module
+        # docstring); True/False force one.
+        # Not a MetaConfig field: it changes the cost of the loop, never its results.
+        self.compact_stopped: Optional[bool] = None
         self.to(user_emb.dtype)
 
     # -- parameter groups (the trainer gives them different learning rates) ------------------
@@ -242,6 +272,7 @@ class MetaLearner(nn.Module):
         if track_query:
             q_users, q_pos, q_neg = (self.user_emb[batch.query_users], self.item_emb[batch.query_pos],
                                      self.item_emb[batch.query_neg])
+        query = (q_users, q_pos, q_neg) if track_query else None
 
         theta = self.initial_theta(n_scenarios, noise)
         state = self._update_state(n_scenarios) if self.update_controller is not None else None
@@ -249,22 +280,52 @@ class MetaLearner(nn.Module):
         active = torch.ones(n_scenarios, dtype=torch.bool, device=theta.device)
         logits, masks, query_losses, support_losses = [], [], [], []
         rec: Dict[str, List[Tensor]] = {k: [] for k in ("loss", "alpha", "beta", "theta", "query")}
+        compact = not record and stop != "fixed" and noise.pick is None and self._compacts(theta.device)
+        # compact mode: θ, the update controller's state and the support inputs keep only the rows
+        # `live` (original indices) still adapting; `parked` holds the final θ of the dropped ones.
+        # `active`, the stop controller and its draws stay at all S rows: the stop controller is
+        # tiny, and a GEMM of another height could round its live rows differently.
+        live = torch.arange(n_scenarios, device=theta.device)
+        parked: Dict[int, Tensor] = {}
+        sub = _LoopInputs(users, positives, batch.support_item_index, batch.pool, batch.pool_size, noise.neg, query)
+
+        def widen(rows: Tensor) -> Tensor:  # live rows -> all S rows (zeros for the dropped)
+            if not parked:
+                return rows
+            return rows.new_zeros((n_scenarios,) + rows.shape[1:]).index_copy(0, live, rows)
 
         for t in range(n_steps):
-            step_users, step_positives, negatives = self._step_batch(batch, noise, t, users, positives)
+            if compact and t > cfg.t_min:
+                # the one host read per step: on the CPU it costs microseconds against a step's ms
+                flags = active.tolist()
+                if not any(flags):
+                    break
+                rows = live.tolist()
+                if not all(flags[s] for s in rows):
+                    keep = [j for j, s in enumerate(rows) if flags[s]]
+                    parked.update((s, theta[j]) for j, s in enumerate(rows) if not flags[s])
+                    index = torch.tensor(keep, device=theta.device)
+                    live, theta = live[index], theta.index_select(0, index)
+                    state = None if state is None else tuple(x.index_select(0, index) for x in state)
+                    sub = sub.select(index)
+            if noise.pick is None:
+                step_users, step_positives = sub.users, sub.positives
+                negatives = self.item_emb[self._negatives(sub, sub.neg[t])]
+            else:   # the authors' inner batch (drawn with replacement); such loops are never compacted
+                step_users, step_positives, negatives = self._step_batch(batch, noise, t, users, positives)
             # first order: ∇ is taken at a detached θ, so it is a constant for the meta-gradient
             loss, grad = model.loss_and_grad(theta, step_users, step_positives, negatives, cfg.margin)
             theta_before = theta.detach()
             if track_query:
                 with torch.no_grad():
-                    query_losses.append(model.loss(theta.detach(), q_users, q_pos, q_neg, cfg.margin)[0])
+                    query_losses.append(widen(model.loss(theta.detach(), *sub.query, cfg.margin)[0]))
 
             if stop == "fixed":
-                logit = torch.zeros_like(loss)
+                logit = theta.new_zeros(n_scenarios)
                 go = active
             else:
                 grad_norms = (grad.square() @ self.segment_matrix).sqrt()  # [S, K], unclamped ∇
-                logit, stop_state = self.stop_controller(grad_norms, loss, stop_state)
+                logit, stop_state = self.stop_controller(widen(grad_norms), widen(loss), stop_state)
                 if t < cfg.t_min:
                     go = active
                 elif stop == "sample":
@@ -279,10 +340,11 @@ class MetaLearner(nn.Module):
             else:
                 new_theta = theta - cfg.inner_lr * grad
                 alpha = beta = None
-            theta = torch.where(go.unsqueeze(-1), new_theta, theta)
+            go_live = go.index_select(0, live) if parked else go
+            theta = torch.where(go_live.unsqueeze(-1), new_theta, theta)
             active = go
             logits.append(logit)
-            support_losses.append(loss.detach())
+            support_losses.append(widen(loss.detach()))   # dropped scenarios: 0
             masks.append(go)
             if record:
                 rec["loss"].append(loss)
@@ -290,6 +352,15 @@ class MetaLearner(nn.Module):
                 rec["beta"].append(self._segment_mean(beta, 1.0, theta))
                 rec["theta"].append(theta_before)
 
+        if parked:
+            for j, s in enumerate(live.tolist()):
+                parked[s] = theta[j]
+            theta = torch.stack([parked[s] for s in range(n_scenarios)])
+        for _ in range(len(masks), n_steps if masks else 0):  # steps skipped after every scenario stopped
+            logits.append(logits[-1].new_zeros(n_scenarios))
+            masks.append(masks[-1].new_zeros(n_scenarios))
+            if track_query:
+                query_losses.append(query_losses[-1].new_zeros(n_scenarios))
         updated = torch.stack(masks).to(theta.dtype) if masks else theta.new_zeros(0, n_scenarios)
         out = AdaptOutput(
             theta=theta,
@@ -302,6 +373,14 @@ class MetaLearner(nn.Module):
         if record:
             out.trajectory = self._trajectory(out, rec, stop, track_query and (q_users, q_pos, q_neg))
         return out
+
+    def _compacts(self, device: torch.device) -> bool:
+        # auto: the fused CPU kernels give each scenario's rows and the weight-gradient sums the
+        # same values with the stopped rows dropped (tested bit for bit); the reference twin's
+        # GEMMs may sum in another order when the row count changes, so it keeps the mask
+        if self.compact_stopped is not None:
+            return self.compact_stopped
+        return device.type == "cpu" and self.config.fused
 
     def _segment_mean(self, gate: Optional[Tensor], constant: float, like: Tensor) -> Tensor:
         if gate is None:

@@ -91,6 +91,11 @@ class TrainConfig:
         seed: seeds the torch generator of the inner loops' random draws.
         cuda_graphs: capture the meta-step as a CUDA graph on CUDA devices.
         quiet: no progress bar and no info log lines.
+        warm_start: ω_R starts from the Global baseline's θ (the same recommender trained on
+            the meta-train scenarios and every source-domain interaction) instead of a random
+            init. A departure from the paper (docs/method.md); the application layer trains
+            Global and applies it, since only it has the data. On in the demo preset, where it
+            won on meta-validation (docs/results.md).
     """
 
     model: str = "interaction"
@@ -115,6 +120,7 @@ class TrainConfig:
     seed: int = 0
     cuda_graphs: bool = True
     quiet: bool = False
+    warm_start: bool = False
 
     def __post_init__(self) -> None:
         def need(ok: bool, message: str) -> None:

@@ -40,13 +40,19 @@ using lstm_cpu::streamed_rows_fence;
 
 constexpr int64_t kChunkBlocks = 64;  // blocks per chunk: the unit of parallel work
 
+// A chunk never spans two scenarios, so each weight-gradient partial (summed in chunk order) holds
+// one scenario's terms: dropping a scenario whose upstream gradient is zero (the inner loop's
+// compact mode) removes only zero partials and leaves the sums bit for bit unchanged.
 std::vector<Chunk> make_chunks(const Dims& d, at::IntArrayRef offsets) {
   std::vector<Chunk> chunks;
   for (int64_t k = 0; k < d.K; ++k) {
     const int64_t n = offsets[k + 1] - offsets[k];
     const int64_t per_row = (n + kBlock - 1) / kBlock;
-    const int64_t total = per_row * d.S;
-    for (int64_t t = 0; t < total; t += kChunkBlocks) chunks.push_back({k, t, std::min(total, t + kChunkBlocks), per_row});
+    for (int64_t s = 0; s < d.S; ++s) {
+      const int64_t row_end = (s + 1) * per_row;
+      for (int64_t t = s * per_row; t < row_end; t += kChunkBlocks)
+        chunks.push_back({k, t, std::min(row_end, t + kChunkBlocks), per_row});
+    }
   }
   return chunks;
 }
