@@ -26,7 +26,7 @@ from s2meta_fast.app.transaction import RunLock
 
 TINY = ["--meta-steps", "3", "--meta-batch", "1", "--t-max", "5", "--t-min", "2", "--validate-every", "1",
         "--checkpoint-every", "1", "--global-steps", "20", "--global-batch", "64", "--finetune-lrs", "0.1",
-        "--finetune-steps", "1", "2", "--quiet", "--seed", "3"]
+        "--finetune-steps", "1", "2", "--quiet", "--seed", "3", "--methods", "s2meta", "itempop", "global", "finetune"]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -317,8 +317,8 @@ def test_a_committed_run_names_its_own_folder(world):
         assert f"out: {world['previous']}" in fh.read()
     assert world["results"]["config"]["run"]["out"] == world["previous"]
     assert sorted(os.listdir(world["previous"])) == [
-        "best.pt", "checkpoint.1.pt", "checkpoint.pt", "config.yaml", "finetune.json", "global.pt", "methods",
-        "results.json", "results.md"]
+        "adaptation.json", "best.pt", "checkpoint.1.pt", "checkpoint.pt", "config.yaml", "finetune.json", "global.pt",
+        "methods", "results.json", "results.md", "validation_curve.png"]
 
 
 def test_evaluate_replaces_results_only_when_complete(world, tmp_path, monkeypatch, capsys):
@@ -386,5 +386,6 @@ def test_kill_9_mid_run_keeps_the_previous_results_and_resumes(world, tmp_path, 
     assert "taking over the stale lock" in err and f"pid {proc.pid}" in err
     from s2meta_fast.meta import checkpoint
     assert checkpoint.load(os.path.join(out, "checkpoint.pt"))["step"] == 20
-    assert sorted(os.listdir(out)) == ["best.pt", "checkpoint.1.pt", "checkpoint.pt", "config.yaml", "finetune.json",
-                                       "global.pt", "methods", "results.json", "results.md"]
+    assert sorted(os.listdir(out)) == ["adaptation.json", "best.pt", "checkpoint.1.pt", "checkpoint.pt", "config.yaml",
+                                       "finetune.json", "global.pt", "methods", "results.json", "results.md",
+                                       "validation_curve.png"]

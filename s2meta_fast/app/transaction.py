@@ -215,6 +215,7 @@ class RunTransaction:
         self.lock = RunLock(out)
         self.created = False
         self.committed = False
+        self.continued = False   # an interrupted run found in the staging area is being continued
         self._opened_as: dict = {}
 
     # -- lifecycle -----------------------------------------------------------------------------
@@ -240,9 +241,11 @@ class RunTransaction:
         return files
 
     def close(self) -> None:
-        """Releases the lock; a staging area the run wrote nothing into is dropped, any other is kept
-        for ``--resume``."""
-        if not self.committed and os.path.isdir(self.staging) and self._snapshot() == self._opened_as:
+        """Releases the lock; a staging area this run made and wrote nothing into is dropped, any
+        other is kept for ``--resume`` (an interrupted run found here stays even when the resume was
+        refused, e.g. for other settings, so that a corrected ``--resume`` still finds it)."""
+        if (not self.committed and not self.continued and os.path.isdir(self.staging)
+                and self._snapshot() == self._opened_as):
             _remove(self.staging)
         self.lock.release()
         if self.created and os.path.isdir(self.out) and not os.listdir(self.out):
@@ -259,6 +262,7 @@ class RunTransaction:
         staged = os.path.isfile(os.path.join(self.staging, "config.yaml"))
         if self.resume and staged:
             log.info("--resume: continuing the interrupted run in %s", self.staging)
+            self.continued = True
             return
         if staged and self.carry and not os.path.exists(os.path.join(self.staging, CARRIED)):
             # Building on the committed run would discard an interrupted training: let the user choose.

@@ -98,7 +98,9 @@ class AdaptOutput:
         updated: [L, S] float mask, 1 where step t updated θ (the non-stopping steps).
         query_losses: [L, S] detached query loss at θ⁽ᵗ⁾ before step t, when tracked.
         trajectory: the per-step record when ``record=True``.
-        support_loss: [L, S] detached support loss at θ⁽ᵗ⁾ before step t (None from a graphed loop).
+        support_loss: [L, S] detached support loss at θ⁽ᵗ⁾ before step t (None from a graphed loop);
+            NaN where it was not computed: a scenario the CPU loop had dropped after it stopped, or a
+            step skipped because every scenario had stopped.
     """
 
     theta: Tensor
@@ -289,10 +291,10 @@ class MetaLearner(nn.Module):
         parked: Dict[int, Tensor] = {}
         sub = _LoopInputs(users, positives, batch.support_item_index, batch.pool, batch.pool_size, noise.neg, query)
 
-        def widen(rows: Tensor) -> Tensor:  # live rows -> all S rows (zeros for the dropped)
+        def widen(rows: Tensor, fill: float = 0.0) -> Tensor:  # live rows -> all S rows (`fill` for the dropped)
             if not parked:
                 return rows
-            return rows.new_zeros((n_scenarios,) + rows.shape[1:]).index_copy(0, live, rows)
+            return rows.new_full((n_scenarios,) + rows.shape[1:], fill).index_copy(0, live, rows)
 
         for t in range(n_steps):
             if compact and t > cfg.t_min:
@@ -344,7 +346,7 @@ class MetaLearner(nn.Module):
             theta = torch.where(go_live.unsqueeze(-1), new_theta, theta)
             active = go
             logits.append(logit)
-            support_losses.append(widen(loss.detach()))   # dropped scenarios: 0
+            support_losses.append(widen(loss.detach(), float("nan")))   # NaN: not computed (dropped)
             masks.append(go)
             if record:
                 rec["loss"].append(loss)
@@ -361,6 +363,7 @@ class MetaLearner(nn.Module):
             masks.append(masks[-1].new_zeros(n_scenarios))
             if track_query:
                 query_losses.append(query_losses[-1].new_zeros(n_scenarios))
+            support_losses.append(support_losses[-1].new_full((n_scenarios,), float("nan")))
         updated = torch.stack(masks).to(theta.dtype) if masks else theta.new_zeros(0, n_scenarios)
         out = AdaptOutput(
             theta=theta,
