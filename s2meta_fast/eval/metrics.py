@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Dict, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -52,6 +52,22 @@ def topk_metric_sums(scores: Tensor, relevance: Tensor, ks: Sequence[int],
         ``{"recall@K": sum, "ndcg@K": sum, "hit@K": sum, ..., "count": n_rows}`` where rows with no
         positive are not counted (recall is undefined there).
     """
+    rows, valid = _metric_rows(scores, relevance, ks, user_mask, item_mask)
+    return _sums(rows, valid)
+
+
+def topk_metric_sums_by_scenario(scores: Tensor, relevance: Tensor, ks: Sequence[int],
+                                 user_mask: Optional[Tensor] = None,
+                                 item_mask: Optional[Tensor] = None) -> Tuple[Dict[str, float], List[Dict[str, float]]]:
+    """:func:`topk_metric_sums` of an ``[S, A, B]`` block, and the same sums for each scenario
+    ``s`` alone, from one ranking pass (the pooled sums are exactly :func:`topk_metric_sums`'s)."""
+    rows, valid = _metric_rows(scores, relevance, ks, user_mask, item_mask)
+    return _sums(rows, valid), [_sums({k: v[s] for k, v in rows.items()}, valid[s]) for s in range(valid.shape[0])]
+
+
+def _metric_rows(scores: Tensor, relevance: Tensor, ks: Sequence[int], user_mask: Optional[Tensor],
+                 item_mask: Optional[Tensor]) -> Tuple[Dict[str, Tensor], Tensor]:
+    """Every metric of every (scenario, user) row ``[S, A]`` and the rows that count."""
     ks = check_ks(ks)
     if scores.dim() == 2:
         scores, relevance = scores.unsqueeze(0), relevance.unsqueeze(0)
@@ -77,16 +93,23 @@ def topk_metric_sums(scores: Tensor, relevance: Tensor, ks: Sequence[int],
     hits_cum = torch.cumsum(hits, dim=-1)
     dcg_cum = torch.cumsum(hits * discount, dim=-1)
     n_pos_f = n_pos.clamp(min=1).to(torch.float64)
-    out: Dict[str, float] = {}
+    rows: Dict[str, Tensor] = {}
     for k in ks:
         cut = min(k, depth) - 1
         n_hit = hits_cum[..., cut]
         ideal = ideal_cum[(n_pos.clamp(min=1, max=k) - 1).clamp(max=depth - 1)]
-        out[f"recall@{k}"] = float((n_hit / n_pos_f)[valid].sum())
-        out[f"ndcg@{k}"] = float((dcg_cum[..., cut] / ideal)[valid].sum())
-        out[f"hit@{k}"] = float((n_hit > 0)[valid].sum())
+        rows[f"recall@{k}"] = n_hit / n_pos_f
+        rows[f"ndcg@{k}"] = dcg_cum[..., cut] / ideal
+        rows[f"hit@{k}"] = n_hit > 0
+    return rows, valid
+
+
+def _sums(rows: Dict[str, Tensor], valid: Tensor) -> Dict[str, float]:
+    out = {name: float(values[valid].sum()) for name, values in rows.items()}
     out["count"] = int(valid.sum())
     return out
+
+
 
 
 @dataclass

@@ -24,7 +24,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from ..meta import distributed
-from .metrics import DEFAULT_KS, MetricAccumulator, check_ks, topk_metric_sums
+from .metrics import DEFAULT_KS, MetricAccumulator, check_ks, topk_metric_sums_by_scenario
 
 
 @dataclass
@@ -151,11 +151,10 @@ def evaluate(method: Method, tasks: Sequence[Any], ks: Sequence[int] = DEFAULT_K
             for lo in range(0, n_users, chunk):
                 hi = min(n_users, lo + chunk)
                 scores = method.score(state, block.users[:, lo:hi], block.items)
-                chunks.append(topk_metric_sums(scores, block.relevance[:, lo:hi], acc.ks, block.user_mask[:, lo:hi],
-                                               block.item_mask))
-                for s, task in enumerate(blocks[index]):
-                    scenario_sums.append((task.name, topk_metric_sums(
-                        scores[s], block.relevance[s, lo:hi], acc.ks, block.user_mask[s, lo:hi], block.item_mask[s])))
+                pooled, by_scenario = topk_metric_sums_by_scenario(
+                    scores, block.relevance[:, lo:hi], acc.ks, block.user_mask[:, lo:hi], block.item_mask)
+                chunks.append(pooled)
+                scenario_sums += [(task.name, sums) for task, sums in zip(blocks[index], by_scenario)]
         sums.append((index, chunks))
         bar.update(len(blocks[index]))
     bar.close()
