@@ -8,7 +8,6 @@ protocol's Recall@K of θ⁽ᵗ⁾ on the scenario's evaluation users, all θ⁽
 from __future__ import annotations
 
 import math
-import os
 from typing import Any, Dict, List, Sequence
 
 import numpy as np
@@ -16,6 +15,7 @@ import torch
 
 from .eval.metrics import topk_metric_sums
 from .eval.protocol import make_block
+from .fileio import atomic_write
 
 
 def step_recalls(learner: Any, task: Any, thetas: torch.Tensor, k: int = 20) -> List[float]:
@@ -91,12 +91,10 @@ def draw_figure(record: Dict[str, Any], path: str, title: str = "") -> str:
         ax.legend(fontsize=8, loc="best")
     fig.suptitle(title or f"s²Meta inner loop on scenario {record.get('scenario', '')!r}")
     fig.tight_layout()
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f".tmp-{os.getpid()}-{os.path.basename(path)}")
-    fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    finally:
+        plt.close(fig)
     return path
 
 

@@ -19,7 +19,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
-from ..fileio import atomic_write_text
+from ..fileio import atomic_write, atomic_write_text
 from .metrics import topk_metric_sums
 from .protocol import block_generator, make_block, plan_blocks
 
