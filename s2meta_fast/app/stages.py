@@ -203,23 +203,34 @@ def global_theta(cfg: Config, prepared: PreparedData, model: FlatRecommender, de
 def finetune_choice(cfg: Config, prepared: PreparedData, model: FlatRecommender,
                     theta: torch.Tensor) -> Dict[str, Any]:
     """(lr, steps) for Finetune from the meta-validation grid search (OUT/finetune.json)."""
-    path = os.path.join(cfg.run.out, run_folder.FINETUNE_FILE)
     key = {"global": _global_key(cfg), "lrs": list(cfg.eval.finetune_lrs), "steps": list(cfg.eval.finetune_steps),
            "block_size": cfg.eval.block_size}
+
+    def choose(valid: List[EvalTask]) -> Dict[str, Any]:
+        device = theta.device
+        grid = FinetuneGrid(lrs=cfg.eval.finetune_lrs, steps=cfg.eval.finetune_steps)
+        choice = select_finetune(model, theta, prepared.user_emb.to(device), prepared.item_emb.to(device), valid,
+                                 grid, seed=cfg.run.seed, block_size=cfg.eval.block_size)
+        log.info("finetune: chose lr=%g, steps=%d (validation %s %.4f)", choice["lr"], choice["steps"], grid.metric,
+                 choice["score"])
+        return choice
+    return _chosen_on_validation(cfg, prepared, os.path.join(cfg.run.out, run_folder.FINETUNE_FILE), key,
+                                 "Finetune needs meta-validation scenarios to choose its lr and steps", choose)
+
+
+def _chosen_on_validation(cfg: Config, prepared: PreparedData, path: str, key: Dict[str, Any], needs: str,
+                          choose: Callable[[List[EvalTask]], Dict[str, Any]]) -> Dict[str, Any]:
+    """A baseline's hyper-parameters, chosen by `choose` on the meta-validation scenarios and kept
+    in `path` with `key` (reused while the key matches: same data, seed and grid)."""
     cached = run_folder.read_json(path)
     if cached is not None and cached.get("key") == key:
         return cached
     valid = eval_tasks(prepared, "valid", cfg.run.seed)
     if not valid:
-        raise DataError(f"{prepared.name}: Finetune needs meta-validation scenarios to choose its lr and steps; "
-                        f"the split has none (evaluate without it: --methods s2meta itempop global)")
-    device = theta.device
-    grid = FinetuneGrid(lrs=cfg.eval.finetune_lrs, steps=cfg.eval.finetune_steps)
-    choice = select_finetune(model, theta, prepared.user_emb.to(device), prepared.item_emb.to(device), valid, grid,
-                             seed=cfg.run.seed, block_size=cfg.eval.block_size)
+        raise DataError(f"{prepared.name}: {needs}; the split has none "
+                        f"(evaluate without it: --methods s2meta itempop global)")
+    choice = choose(valid)
     choice["key"] = key
-    log.info("finetune: chose lr=%g, steps=%d (validation %s %.4f)", choice["lr"], choice["steps"], grid.metric,
-             choice["score"])
     run_folder.write_json(path, choice)
     return choice
 
@@ -233,26 +244,21 @@ def cross_domain_grid(cfg: Config, name: str) -> Dict[str, list]:
 def cross_domain_choice(cfg: Config, prepared: PreparedData, name: str, domains: Any) -> Dict[str, Any]:
     """A cross-domain baseline's hyper-parameters, chosen on the meta-validation scenarios
     (OUT/baselines/<name>.json, reused while data, seed and grid are unchanged)."""
-    path = os.path.join(cfg.run.out, BASELINES_DIR, f"{name}.json")
     grid = cross_domain_grid(cfg, name)
     key = {"data": cfg.to_dict()["data"], "seed": cfg.run.seed, "grid": grid, "block_size": cfg.eval.block_size}
-    cached = run_folder.read_json(path)
-    if cached is not None and cached.get("key") == key:
-        return cached
-    valid = eval_tasks(prepared, "valid", cfg.run.seed)
-    if not valid:
-        raise DataError(f"{prepared.name}: {name} needs meta-validation scenarios to choose its hyper-parameters; "
-                        f"the split has none (evaluate without it: --methods s2meta itempop global)")
-    device = domains.users.device
-    start = time.perf_counter()
-    choice = select_cross_domain(name, domains, prepared.user_emb.to(device), prepared.item_emb.to(device), valid,
-                                 grid, seed=cfg.run.seed, block_size=cfg.eval.block_size, progress=not cfg.run.quiet)
-    choice["seconds"] = time.perf_counter() - start
-    choice["key"] = key
-    log.info("%s: chose %s (validation %s %.4f) in %.1f s", name, choice["hp"], choice["metric"], choice["score"],
-             choice["seconds"])
-    run_folder.write_json(path, choice)
-    return choice
+
+    def choose(valid: List[EvalTask]) -> Dict[str, Any]:
+        device = domains.users.device
+        start = time.perf_counter()
+        choice = select_cross_domain(name, domains, prepared.user_emb.to(device), prepared.item_emb.to(device),
+                                     valid, grid, seed=cfg.run.seed, block_size=cfg.eval.block_size,
+                                     progress=not cfg.run.quiet)
+        choice["seconds"] = time.perf_counter() - start
+        log.info("%s: chose %s (validation %s %.4f) in %.1f s", name, choice["hp"], choice["metric"],
+                 choice["score"], choice["seconds"])
+        return choice
+    return _chosen_on_validation(cfg, prepared, os.path.join(cfg.run.out, BASELINES_DIR, f"{name}.json"), key,
+                                 f"{name} needs meta-validation scenarios to choose its hyper-parameters", choose)
 
 
 BASELINES_DIR = "baselines"
