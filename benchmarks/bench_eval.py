@@ -19,12 +19,11 @@ import pytest
 import torch
 
 from s2meta_fast.eval import S2Meta, evaluate
+from harness import DEVICES, sync
 from workloads import make_eval_learner, make_eval_tasks
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
 
-DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
-                                                                 reason="needs a CUDA device"))]
 SCENARIOS = 8
 KS = (10, 20, 50)
 
@@ -40,8 +39,7 @@ def one_cpu_thread():
 
 def _evaluate(method, tasks, block: int, device: str) -> dict:
     result = evaluate(method, tasks, KS, device=device, block_size=block, progress=False)
-    if device == "cuda":
-        torch.cuda.synchronize()
+    sync(device)
     return result
 
 

@@ -17,11 +17,10 @@ import torch
 
 import s2meta_fast  # noqa: F401  (loads torch.ops.s2meta)
 from s2meta_fast.ops import reference as ref
+from harness import DEVICES, compile_reference, sync
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
 
-DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
-                                                                 reason="needs a CUDA device"))]
 SIZES = {"paper-d64": 10_881, "paper-d128": 43_265, "1M": 1 << 20}
 IMPLS = ["fused", "reference", "compiled"]
 
@@ -31,9 +30,7 @@ def _fn(impl: str, device: str):
         return torch.ops.s2meta.grad_preprocess
     if impl == "reference":
         return ref.grad_preprocess
-    torch._dynamo.reset()  # one compiled graph per case: no recompile limit across cases
-    mode = "reduce-overhead" if device == "cuda" else None
-    return torch.compile(ref.grad_preprocess, mode=mode, dynamic=False)
+    return compile_reference(ref.grad_preprocess, device)
 
 
 def _inputs(n: int, device: str) -> torch.Tensor:
@@ -41,11 +38,6 @@ def _inputs(n: int, device: str) -> torch.Tensor:
     magnitude = torch.exp(torch.empty(n).uniform_(-16.0, 4.6, generator=gen))  # e^-16 < e^-10 < ... < 1e2
     sign = torch.where(torch.rand(n, generator=gen) < 0.5, -1.0, 1.0)
     return (magnitude * sign).to(device)
-
-
-def _sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -64,7 +56,7 @@ def test_grad_preprocess(benchmark, device, size, impl, mode):
         def step():
             with torch.no_grad():
                 out = fn(x, 10.0)
-            _sync(device)
+            sync(device)
             return out
     else:
         leaf = x.clone().requires_grad_()
@@ -74,7 +66,7 @@ def test_grad_preprocess(benchmark, device, size, impl, mode):
 
         def step():
             out = torch.autograd.grad((fn(leaf, 10.0) * weight).sum(), leaf)[0]
-            _sync(device)
+            sync(device)
             return out
 
     step()  # warm-up (compilation, CUDA-graph recording, allocator)

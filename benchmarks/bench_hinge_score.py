@@ -16,9 +16,8 @@ import torch
 
 import s2meta_fast  # noqa: F401  (loads torch.ops.s2meta)
 from s2meta_fast.ops import reference
+from harness import DEVICES
 
-DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
-                                                                 reason="needs a CUDA device"))]
 IMPLS = ["fused", "reference", "compiled"]
 HINGE_IMPLS = ["fused", "fused_direct", "fused_one_pass", "reference", "compiled"]
 

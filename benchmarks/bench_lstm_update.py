@@ -18,11 +18,10 @@ import torch
 
 from s2meta_fast.ops import reference as ref
 from s2meta_fast.ops.sample_inputs import DIFFERENTIABLE, interaction_sizes, make_multi_args, with_grad
+from harness import DEVICES, compile_reference, sync
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
 
-DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
-                                                                 reason="needs a CUDA device"))]
 SIZES = {
     "paper-d64": interaction_sizes(64),
     "paper-d128": interaction_sizes(128),
@@ -37,16 +36,7 @@ def _fn(impl: str, device: str):
         return torch.ops.s2meta.lstm_update_multi
     if impl == "reference":
         return ref.lstm_update_multi
-    # Dynamo's cache belongs to the reference's code objects, shared by every case: without a
-    # reset, later cases hit the recompile limit and silently run (or thrash) in eager mode.
-    torch._dynamo.reset()
-    mode = "reduce-overhead" if device == "cuda" else None
-    return torch.compile(ref.lstm_update_multi, mode=mode, dynamic=False)
-
-
-def _sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
+    return compile_reference(ref.lstm_update_multi, device)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -74,7 +64,7 @@ def test_lstm_update_step(benchmark, device, size, impl, mode):
         def step():
             with torch.no_grad():
                 out = fn(*args.values())
-            _sync(device)
+            sync(device)
             return out
     else:
         leaves = with_grad(args)
@@ -83,7 +73,7 @@ def test_lstm_update_step(benchmark, device, size, impl, mode):
         def step():
             out = fn(*leaves.values())
             grads = torch.autograd.grad(out[0].sum() + out[1].sum() + out[2].sum(), inputs)
-            _sync(device)
+            sync(device)
             return grads
 
     step()  # warm-up (compilation, CUDA-graph recording, allocator)

@@ -19,12 +19,11 @@ import pytest
 import torch
 
 from s2meta_fast.meta.host import training_host
+from harness import DEVICES, sync
 from workloads import MetaStep, make_batch, make_learner
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
 
-DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
-                                                                 reason="needs a CUDA device"))]
 IMPLS = {"reference": (False, False), "fused": (True, False), "fused-graphs": (True, True)}  # fused, graphs
 
 
@@ -36,11 +35,6 @@ def one_cpu_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
-
-
-def _sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
 
 
 def _check_fused_equals_pure(device: str) -> None:
@@ -73,7 +67,7 @@ def test_meta_step(benchmark, device, batch_size, impl):
 
     def run():
         step(batch)
-        _sync(device)
+        sync(device)
 
     with training_host(torch.device(device)):  # what MetaTrainer.fit runs its loop under
         benchmark.pedantic(run, rounds=3 if device == "cpu" else 20, iterations=1, warmup_rounds=1)

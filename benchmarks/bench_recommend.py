@@ -14,18 +14,12 @@ import numpy as np
 import pytest
 import torch
 
+from harness import DEVICES, sync
 from workloads import make_recommender, make_requests, serve
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
 
-DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
-                                                                 reason="needs a CUDA device"))]
 SCENARIOS = 64
-
-
-def _sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -43,7 +37,7 @@ def test_recommend_request(benchmark, device, impl):
 
     def run():
         serve(rec, requests[state["n"] % len(requests)], state["n"])
-        _sync(device)
+        sync(device)
         state["n"] += 1
 
     benchmark.group = f"recommend: adapt 64 pairs + rank 1000 items x 100 users {device}"
@@ -63,7 +57,7 @@ def test_adapt_many_scenarios(benchmark, device, calls):
         else:
             for s, (support, items) in enumerate(zip(supports, candidates)):
                 rec.adapt(support, items, seed=s)
-        _sync(device)
+        sync(device)
 
     benchmark.group = f"adapt {SCENARIOS} scenarios, fused {device}"
     benchmark.extra_info.update(scenarios=SCENARIOS)
