@@ -73,7 +73,7 @@ def train(cfg: Config) -> None:
     check_device(cfg.run.device)
     with processes(cfg) as (cfg, group):
         prepared = _prepare_agreed(cfg, group)   # bad data fails here, before --out is touched
-        with _staged(cfg, group) as staged:
+        with run_folder.staged(cfg, group=group) as staged:
             distributed.writer_first(lambda: run_folder.check_run_folder(staged), group, run_others=False)
             train_meta(staged, prepared, group)
 
@@ -89,7 +89,7 @@ def evaluate(cfg: Config, checkpoint: Optional[str] = None) -> Dict[str, Any]:
         run_folder.find_checkpoint(cfg.run.out)   # names what is missing
     with processes(cfg) as (cfg, group):
         prepared = _prepare_agreed(cfg, group)
-        with _staged(cfg, group, carry=True) as staged:
+        with run_folder.staged(cfg, carry=True, group=group) as staged:
             if not cfg.run.resume:
                 distributed.writer_first(lambda: run_folder.clear_results(staged.run.out), group, run_others=False)
             learner = None
@@ -108,7 +108,7 @@ def run(cfg: Config) -> Dict[str, Any]:
         start = time.perf_counter()
         prepared = _prepare_agreed(cfg, group)   # bad data fails here, before --out is touched
         seconds = {"prepare_s": time.perf_counter() - start}
-        with _staged(cfg, group) as staged:
+        with run_folder.staged(cfg, group=group) as staged:
             distributed.writer_first(lambda: run_folder.check_run_folder(staged), group, run_others=False)
             learner = None
             if "s2meta" in cfg.eval.methods:
@@ -127,28 +127,6 @@ def _committed(doc: Dict[str, Any], cfg: Config) -> Dict[str, Any]:
     if isinstance(doc.get("config", {}).get("run"), dict):
         doc["config"]["run"]["out"] = cfg.run.out
     return doc
-
-
-@contextlib.contextmanager
-def _staged(cfg: Config, group: distributed.Group, carry: bool = False) -> Iterator[Config]:
-    """The run-folder transaction (:func:`run_folder.staged`) across ranks.
-
-    Rank 0 holds the lock and commits; the other ranks work in the same staging folder (they
-    write nothing there but read what rank 0 wrote). Every rank is done before rank 0 commits.
-    """
-    if not group.active:
-        with run_folder.staged(cfg, carry=carry) as staged:
-            yield staged
-        return
-    if group.is_writer:
-        with run_folder.staged(cfg, carry=carry) as staged:
-            distributed.barrier(group)   # the staging folder exists before the others use it
-            yield staged
-            distributed.barrier(group)
-    else:
-        distributed.barrier(group)
-        yield cfg.replace(out=os.path.join(cfg.run.out, STAGING))
-        distributed.barrier(group)
 
 
 def headroom(cfg: Config) -> Dict[str, Any]:

@@ -31,7 +31,7 @@ from ..config import Config, build_config
 from ..errors import ConfigError
 from ..eval.methods import DISPLAY, METHODS
 from ..eval.metrics import metric_keys
-from ..eval.results import atomic_write_text
+from ..fileio import atomic_write_text
 from ..models import MODELS
 from . import run_folder
 

@@ -22,9 +22,10 @@ from typing import Any, Dict, Iterator, Mapping, Optional, Tuple
 
 from ..config import Config, build_config, load_yaml
 from ..errors import ConfigError, RunFolderError
-from ..eval.results import atomic_write_text
+from ..fileio import atomic_write_text
+from ..meta import distributed
 from ..meta.trainer import BEST, LAST
-from .transaction import RunTransaction
+from .transaction import STAGING, RunTransaction
 
 log = logging.getLogger("s2meta_fast")
 
@@ -76,12 +77,27 @@ def check_run_folder(cfg: Config) -> None:
 
 
 @contextlib.contextmanager
-def staged(cfg: Config, carry: bool = False) -> Iterator[Config]:
+def staged(cfg: Config, carry: bool = False, group: distributed.Group = distributed.SINGLE) -> Iterator[Config]:
     """Runs a command's stages as a transaction on OUT (:mod:`.transaction`): yields the config
     of the staged run, whose files replace the previous run's only when the body returns.
 
     carry: start from the committed run's files (``evaluate`` rewrites only the results).
+    group: under torchrun rank 0 holds the lock and commits; the other ranks work in the same
+        staging folder (they read what rank 0 wrote there), and every rank is done before the commit.
     """
+    if group.active and not group.is_writer:
+        distributed.barrier(group)   # rank 0 has prepared the staging folder
+        yield cfg.replace(out=os.path.join(cfg.run.out, STAGING))
+        distributed.barrier(group)
+        return
+    with _transaction(cfg, carry) as staged_cfg:
+        distributed.barrier(group)
+        yield staged_cfg
+        distributed.barrier(group)
+
+
+@contextlib.contextmanager
+def _transaction(cfg: Config, carry: bool) -> Iterator[Config]:
     with RunTransaction(cfg.run.out, resume=cfg.run.resume, carry=carry) as folder:
         if cfg.run.resume and not folder.has_run():
             raise ConfigError(f"--resume: {cfg.run.out!r} holds no run to resume (no {CONFIG_FILE}); drop --resume "
