@@ -2,14 +2,18 @@ import pytest
 import torch
 
 
-@pytest.fixture
-def one_thread():
+def _one_thread():
     """Our tensors are tiny: intra-op threads only add OpenMP wake-ups, which on a shared 2-core
-    machine cost 10-100x the work. Restored after each test so other suites keep their setting."""
+    machine cost 10-100x the work. Restored afterwards so other suites keep their setting."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+# Per test (suites make it autouse), and per module for module-scoped fixtures that run the CLI.
+one_thread = pytest.fixture(_one_thread, name="one_thread")
+one_thread_module = pytest.fixture(_one_thread, scope="module", name="one_thread_module")
 
 
 @pytest.fixture(scope="session")

@@ -12,17 +12,11 @@ from s2meta_fast.meta import trainer as trainer_mod
 METRICS = [f"{m}@{k}" for m in ("recall", "ndcg", "hit") for k in (10, 20, 50)]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny runs: one intra-op thread is as fast and immune to OpenMP spin-waits on shared cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread_module")
 
 
 @pytest.fixture(scope="module")
-def dataset(tmp_path_factory, one_thread):
+def dataset(tmp_path_factory, one_thread_module):
     root = tmp_path_factory.mktemp("syn")
     # sizes pinned so the split keeps meta-validation scenarios (Finetune needs them)
     write_raw("ml20m", str(root / "raw"), seed=0, n_users=400, n_scenarios=12, per_scenario=8, per_source=12)

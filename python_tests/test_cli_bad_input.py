@@ -17,7 +17,6 @@ import sys
 import time
 
 import pytest
-import torch
 import yaml
 
 from s2meta_fast import cli
@@ -29,12 +28,7 @@ TINY = ["--meta-steps", "3", "--meta-batch", "1", "--t-max", "5", "--t-min", "2"
         "--finetune-steps", "1", "2", "--quiet", "--seed", "3", "--methods", "s2meta", "itempop", "global", "finetune"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread_module")
 
 
 @pytest.fixture(scope="module")

@@ -1,12 +1,6 @@
 import pytest
-import torch
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    """These tests use tiny tensors: one intra-op thread is as fast, and immune to the OpenMP
-    spin-wait slowdown when the machine's cores are shared with other processes."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def _tiny_tensors_one_thread(one_thread):
+    """Every test here runs on one intra-op thread (python_tests/conftest.py says why)."""
