@@ -19,7 +19,7 @@ import torch
 from s2meta_fast import ops
 from s2meta_fast.ops import reference as ref
 
-from s2meta_fast.ops.sample_inputs import make_multi_args, with_grad, DIFFERENTIABLE
+from s2meta_fast.ops.sample_inputs import DIFFERENTIABLE, make_embeddings, make_mlp, make_multi_args, with_grad
 
 DEV = os.environ.get("GPU_SANITIZE_DEVICE", "cuda")  # "cpu" smoke-tests this script without a GPU
 failures: list = []
@@ -59,28 +59,16 @@ def run_lstm():
                 check(f"{name} d{k}", a, b, dtype)
 
 
-def mlp(dim, layers, S, dtype, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    widths = [2 * dim] + [max(1, dim >> k) for k in range(layers - 1)] + [1]
-    lead = () if S is None else (S,)
-    ws = [((torch.rand(*lead, o, i, generator=gen, dtype=dtype) * 2 - 1) * i ** -0.5).to(DEV)
-          for i, o in zip(widths[:-1], widths[1:])]
-    bs = [((torch.rand(*lead, o, generator=gen, dtype=dtype) * 2 - 1) * 0.1).to(DEV) for o in widths[1:]]
-    return ws, bs
-
-
-def emb(S, rows, dim, dtype, seed):
-    gen = torch.Generator().manual_seed(seed)
-    lead = () if S is None else (S,)
-    return torch.randn(*lead, rows, dim, generator=gen, dtype=dtype).to(DEV)
+def on_device(tensors):
+    return [t.to(DEV) for t in tensors]
 
 
 def run_scoring():
     for dtype in (torch.float32, torch.float64):
         for S, n, dim, layers in ((None, 130, 64, 4), (3, 64, 128, 4), (2, 7, 256, 4), (1, 0, 8, 2), (40, 33, 64, 4)):
             name = f"hinge_score[{dtype}-S{S}-n{n}-d{dim}-L{layers}]"
-            ws, bs = mlp(dim, layers, S, dtype)
-            u, p, q = (emb(S, n, dim, dtype, s) for s in (1, 2, 3))
+            ws, bs = (on_device(ts) for ts in make_mlp(dim, layers, S, dtype))
+            u, p, q = on_device(make_embeddings(3, n, dim, S, dtype))
             leaves = [t.clone().requires_grad_() for t in (u, p, q, *ws, *bs)]
             cpu = [t.detach().cpu().requires_grad_() for t in leaves]
             k = len(ws)
@@ -102,8 +90,9 @@ def run_scoring():
                     check(f"hinge_score_grad[{dtype}-S{S}-n{n}-d{dim}] {i}", a, b, dtype)
         for S, A, B, dim, layers in ((None, 300, 500, 64, 4), (3, 7, 130, 128, 4), (2, 5, 9, 256, 4),
                                      (None, 3, 7, 8, 1), (1, 7, 0, 8, 2)):
-            ws, bs = mlp(dim, layers, S, dtype, seed=4)
-            u, it = emb(S, A, dim, dtype, 5), emb(S, B, dim, dtype, 6)
+            ws, bs = (on_device(ts) for ts in make_mlp(dim, layers, S, dtype, seed=4))
+            (u,), (it,) = on_device(make_embeddings(1, A, dim, S, dtype, seed=5)), on_device(
+                make_embeddings(1, B, dim, S, dtype, seed=6))
             got = ops.score_matrix(u, it, ws, bs)
             want = ref.score_matrix(u.cpu(), it.cpu(), [w.cpu() for w in ws], [b.cpu() for b in bs])
             check(f"score_matrix[{dtype}-S{S}-{A}x{B}-d{dim}-L{layers}]", got, want, dtype)

@@ -137,7 +137,7 @@ def bandwidth_rows(compile_too: bool) -> list:
 
 
 def sync_free_replay() -> dict:
-    from throughput import make_batch, make_learner  # noqa: E402
+    from workloads import make_batch, make_learner
     from s2meta_fast.meta.graphs import GraphedInnerLoop
 
     learner = make_learner(True, "cuda")
