@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import socket
+import sys
 import traceback
 
 import numpy as np
@@ -161,6 +162,12 @@ def _worker(rank, world, port, out):
     except BaseException:
         report["error"] = traceback.format_exc()
     torch.save(report, os.path.join(out, f"rank{rank}.pt"))
+    # A gloo worker thread may still be dropping a finished collective's tensors, which takes the
+    # GIL; a process finalizing Python meanwhile aborts (std::terminate from
+    # ProcessGroupGloo::runLoop, pytorch/pytorch#190489). The report is on disk: skip finalization.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def free_port():
