@@ -27,6 +27,7 @@ from .errors import ConfigError, S2MetaError
 from .app.compare import ABLATIONS
 from .eval.methods import METHODS
 from .eval.results import markdown_table
+from .meta.distributed import launched
 from .models import MODELS
 
 log = logging.getLogger("s2meta_fast")
@@ -297,7 +298,24 @@ def _terminate_as_interrupt(signum: int, frame: Any) -> None:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Entry point of the ``s2meta`` console script; returns the exit status."""
+    """Entry point of the ``s2meta`` console script; returns the exit status.
+
+    Under torchrun the process ends here, without the interpreter's teardown: gloo's worker
+    threads can still be releasing a finished collective's tensors while Python shuts down, and
+    a thread that then needs the GIL aborts the process ("terminate called without an active
+    exception"). That would report a rank which finished cleanly as failed, and torchrun would
+    restart it. Every file is written and closed by then; the streams are flushed first.
+    """
+    status = _main(argv)
+    if launched():
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+    return status
+
+
+def _main(argv: Optional[Sequence[str]]) -> int:
     args = parse(argv)
     if threading.current_thread() is threading.main_thread():
         # A kill (SIGTERM) ends the run like Ctrl-C: every file on disk is whole, --resume continues.

@@ -241,3 +241,18 @@ def test_a_checkpoint_of_other_settings_is_refused_naming_the_difference(tmp_pat
     checkpoint.save_atomic(state, tmp_path / "run" / "checkpoint.pt")
     with pytest.raises(CheckpointError, match=r"checkpoint format \(99"):
         make(tmp_path).fit(5, resume=True)
+
+
+def test_a_format_1_checkpoint_of_one_process_still_resumes(tmp_path):
+    straight = make(tmp_path / "a")
+    straight.fit(5)
+    make(tmp_path / "b").fit(3)
+    path = tmp_path / "b" / "run" / "checkpoint.pt"
+    state = checkpoint.load(path)
+    assert state["format"] == 2 and len(state["streams"]) == 1
+    (stream,) = state.pop("streams")
+    state.update(format=1, generator=stream["generator"], sampler=stream["sampler"])   # the format-1 layout
+    checkpoint.save_atomic(state, path)
+    resumed = make(tmp_path / "b", seed=123)
+    resumed.fit(5, resume=True)
+    assert_same_state(straight.learner.state_dict(), resumed.learner.state_dict())

@@ -4,9 +4,9 @@ from .learner import AdaptOutput, MetaLearner, MetaLossTerms, Trajectory
 from .meta_config import MetaConfig
 from .noise import InnerNoise
 from .stop_controller import StopController
-from .trainer import MetaTrainer, NonFiniteMetaLoss, TrainConfig
+from .trainer import MetaTrainer, NonFiniteMetaLoss, TrainConfig, WorldSizeMismatch
 from .update_controller import FastUpdateController, UpdateController
 
 __all__ = ["AdaptOutput", "FastUpdateController", "GraphedInnerLoop", "InnerNoise", "MetaConfig", "MetaLearner",
            "MetaLossTerms", "MetaTrainer", "NonFiniteMetaLoss", "StopController", "TrainConfig", "Trajectory",
-           "UpdateController"]
+           "UpdateController", "WorldSizeMismatch"]

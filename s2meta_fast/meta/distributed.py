@@ -8,13 +8,12 @@ being broadcast. The learner is not wrapped in DistributedDataParallel: its buck
 one backward over the same graph on every rank, while the sampled stop gives every scenario
 (hence every rank) a different graph.
 
-The share of a meta-step: every rank draws the *whole* global batch of B scenarios and its inner
-loop noise from the run's seed (the sampler and generator streams are identical on all ranks)
-and adapts the slice ``[rank·B/N, (rank+1)·B/N)``. The union of the slices is the single-process
-batch, so N ranks × B/N scenarios follow the same trajectory as one process × B (up to the
-rounding of a mean taken in two stages), and every rank's checkpointed random state is the same.
-The price is B task draws per rank instead of B/N (tens of µs each on the host, against ~23 ms
-of CPU compute per scenario); docs/distributed.md says where that stops being small.
+The share of a meta-step: with N ranks and a global meta-batch of B scenarios, each rank draws
+its own B/N scenarios and their inner-loop noise from a stream of its own, derived from the
+run's seed and the rank (:func:`rank_seed`, :func:`rank_rng`); rank 0's stream is the one a
+single process draws from, so one process is unchanged. The meta-gradient averaged over the ranks
+is the mean over the B scenarios the ranks drew together. A checkpoint holds every rank's stream
+state (rank 0 gathers them), so a run resumes only on as many processes as wrote it.
 
 Without ``torchrun`` (no ``WORLD_SIZE``/``MASTER_ADDR`` in the environment) :func:`session`
 yields :data:`SINGLE` and nothing here communicates.
@@ -22,7 +21,6 @@ yields :data:`SINGLE` and nothing here communicates.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import datetime
 import hashlib
 import logging
@@ -30,6 +28,7 @@ import os
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, List, Mapping, Optional, Sequence, TypeVar
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import Tensor
@@ -147,27 +146,34 @@ def _device(group: Group) -> torch.device:
 def check_divisible(meta_batch: int, group: Group) -> None:
     if meta_batch % group.world_size:
         raise ConfigError(f"meta_batch {meta_batch} is not a multiple of the {group.world_size} processes: every "
-                          f"rank adapts meta_batch / world_size scenarios (choose e.g. "
+                          f"rank draws and adapts meta_batch / world_size scenarios (choose e.g. "
                           f"{group.world_size * max(1, meta_batch // group.world_size)})")
 
 
-def share(n: int, group: Group) -> slice:
-    """This rank's contiguous slice of `n` items (n a multiple of the world size)."""
-    per = n // group.world_size
-    return slice(group.rank * per, (group.rank + 1) * per)
+def rank_seed(seed: int, rank: int) -> int:
+    """The seed of rank `rank`'s torch generator: `seed` on rank 0 (a single process's stream),
+    else the first 64-bit word of ``SeedSequence(seed mod 2**64, spawn_key=(rank,))``.
+
+    Spawn keys are numpy's rule for independent parallel streams; taking `seed` modulo 2**64 is
+    how ``torch.Generator.manual_seed`` reads a negative seed.
+    """
+    if rank == 0:
+        return seed
+    return int(np.random.SeedSequence(seed % (1 << 64), spawn_key=(rank,)).generate_state(1, np.uint64)[0])
 
 
-def select_scenarios(batch: Any, index: slice) -> Any:
-    """The scenarios `index` of a dataclass batch (tensors and lists sliced on their first dim)."""
-    n = batch.support_users.shape[0]
-    changes = {}
-    for field in dataclasses.fields(batch):
-        value = getattr(batch, field.name)
-        if isinstance(value, Tensor) and value.dim() > 0 and value.shape[0] == n:
-            changes[field.name] = value[index]
-        elif isinstance(value, list) and len(value) == n:
-            changes[field.name] = value[index]
-    return dataclasses.replace(batch, **changes)
+def rank_rng(rng: np.random.Generator, rank: int) -> np.random.Generator:
+    """Rank `rank`'s numpy stream derived from `rng`'s seed: `rng` itself on rank 0, else a fresh
+    Generator of the same bit generator seeded with the seed sequence `rng` was built from,
+    extended by the spawn key ``(rank,)`` (the child number `rank`, counting from 0, that a fresh
+    ``rng.spawn`` hands out). Depends on the seed only, not on how far `rng` has drawn."""
+    if rank == 0:
+        return rng
+    bits = rng.bit_generator
+    parent = getattr(bits, "seed_seq", None) or getattr(bits, "_seed_seq")   # numpy < 1.25: _seed_seq only
+    child = np.random.SeedSequence(parent.entropy, spawn_key=tuple(parent.spawn_key) + (rank,),
+                                   pool_size=parent.pool_size)
+    return np.random.Generator(type(bits)(child))
 
 
 def shard_indices(n: int, group: Group) -> range:
@@ -313,4 +319,4 @@ def check_same(parts: Mapping[str, str], group: Group) -> None:
 
 __all__ = ["BACKENDS", "Group", "SINGLE", "average_gradients", "barrier", "check_divisible", "check_same",
            "choose_backend", "current", "fingerprint", "from_writer", "gather_objects", "init_from_env", "launched",
-           "restart_count", "select_scenarios", "session", "shard_indices", "share", "writer_first"]
+           "rank_rng", "rank_seed", "restart_count", "session", "shard_indices", "writer_first"]

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..errors import CheckpointError, TrainingError
+from ..errors import CheckpointError, ConfigError, TrainingError
 from ..models import MODELS
 from . import checkpoint, distributed
 from .graphs import GraphedInnerLoop
@@ -26,8 +26,10 @@ log = logging.getLogger(__name__)
 OPTIMIZERS = ("adam", "sgd")
 LAST = "checkpoint.pt"
 BEST = "best.pt"
-# The layout of a checkpoint's state; bump when a key or its meaning changes.
-CHECKPOINT_FORMAT = 1
+# The layout of a checkpoint's state; bump when a key or its meaning changes. Format 1 held one
+# process's draw streams as "generator" and "sampler"; format 2 holds every rank's in "streams".
+CHECKPOINT_FORMAT = 2
+READABLE_FORMATS = (1, 2)
 # Settings that may differ between a checkpoint and the learner restoring it: same parameters,
 # same results (fused ops and their pure-PyTorch twins compute the same function).
 _FREE_META = {"fused"}
@@ -39,7 +41,7 @@ def checkpoint_differences(state: Dict[str, Any], learner: MetaLearner) -> List[
 
     diffs = []
     fmt = state.get("format", CHECKPOINT_FORMAT)
-    if fmt != CHECKPOINT_FORMAT:
+    if fmt not in READABLE_FORMATS:
         diffs.append(f"checkpoint format ({fmt}, s2meta_fast {state.get('package_version', '?')} -> "
                      f"{CHECKPOINT_FORMAT}, s2meta_fast {__version__})")
     model = {"kind": learner.model.kind, "embed_dim": learner.model.embed_dim}
@@ -57,6 +59,32 @@ def checkpoint_differences(state: Dict[str, Any], learner: MetaLearner) -> List[
 
 class NonFiniteMetaLoss(TrainingError):
     """Raised after `max_nonfinite` meta-steps in a row had a non-finite loss or gradient."""
+
+
+class WorldSizeMismatch(CheckpointError):
+    """A checkpoint holds the draw streams of another number of processes than the run resuming it."""
+
+
+def checkpoint_streams(state: Dict[str, Any]) -> List[Dict[str, Any]]:
+    """The draw streams a checkpoint holds, one ``{"generator", "sampler"}`` per rank in rank order."""
+    if "streams" in state:
+        return list(state["streams"])
+    return [{"generator": state["generator"], "sampler": state["sampler"]}]   # format 1: one process
+
+
+def check_world_size(state: Dict[str, Any], group: distributed.Group, path: Any = "the checkpoint") -> None:
+    """Raises :class:`WorldSizeMismatch` unless `state` holds one draw stream per rank of `group`:
+    each rank continues its own stream, so another process count has no stream to continue."""
+    written = len(checkpoint_streams(state))
+    if written == group.world_size:
+        return
+    def processes(n: int) -> str:
+        return "1 process" if n == 1 else f"{n} processes"
+    launch = ("one process (no torchrun)" if written == 1
+              else f"{written} processes (torchrun --nnodes x --nproc-per-node = {written})")
+    raise WorldSizeMismatch(f"cannot resume from {path}: it holds the draw streams of {processes(written)} and this "
+                            f"run has {processes(group.world_size)}; every rank continues its own stream, so resume "
+                            f"on {launch} or start a new run")
 
 
 @dataclass(frozen=True)
@@ -175,6 +203,15 @@ def _sampler_state(sampler) -> Any:
     return None
 
 
+def _rank_stream(sampler, rank: int) -> None:
+    """Gives `sampler` rank `rank`'s stream (rank 0 keeps the one it was built with)."""
+    rng = getattr(sampler, "rng", None)
+    if not isinstance(rng, np.random.Generator):
+        raise ConfigError(f"distributed meta-training needs a task sampler that draws from a numpy Generator "
+                          f"`rng`, from which each rank derives its own stream; {type(sampler).__name__} has none")
+    sampler.rng = distributed.rank_rng(rng, rank)
+
+
 def _restore_sampler(sampler, state) -> None:
     if state is None:
         warnings.warn("the checkpoint holds no task-sampler state (the sampler has neither state_dict() nor a "
@@ -193,7 +230,8 @@ class MetaTrainer:
         learner: the MetaLearner (already on its device).
         sampler: an object with ``train_batch(scenarios, S) -> TaskBatch`` (s2meta_fast.data.TaskSampler).
             Its random state is checkpointed through ``state_dict()/load_state_dict()`` or, failing
-            that, its numpy Generator attribute ``rng``.
+            that, its numpy Generator attribute ``rng``. A distributed run needs the ``rng``: each
+            rank other than 0 replaces it by its own stream (:func:`distributed.rank_rng`).
         train_scenarios: what ``sampler.train_batch`` draws from.
         cfg: a :class:`TrainConfig`.
         out_dir: where ``checkpoint.pt`` (every ``checkpoint_every`` steps and at the end) and
@@ -205,7 +243,8 @@ class MetaTrainer:
             faults its few hundred MB of saved states back in (docs/performance.md). Process-wide
             and never undone, hence off by default; ``s2meta`` turns it on.
         group: the :class:`~s2meta_fast.meta.distributed.Group` of a torchrun launch: each rank
-            adapts its share of every meta-batch and the meta-gradients are averaged over ranks
+            draws and adapts ``meta_batch / world_size`` scenarios from its own streams (seeded
+            from ``cfg.seed`` and the rank) and the meta-gradients are averaged over ranks
             (docs/distributed.md); only rank 0 writes checkpoints and shows progress. Default:
             one process.
     """
@@ -223,7 +262,9 @@ class MetaTrainer:
         self.optimizer = build_optimizer(learner, cfg)
         self.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
             self.optimizer, mode="max", factor=cfg.plateau_factor, patience=cfg.plateau_patience, min_lr=cfg.min_lr)
-        self.generator = torch.Generator(device=self.device).manual_seed(cfg.seed)
+        self.generator = torch.Generator(device=self.device).manual_seed(distributed.rank_seed(cfg.seed, group.rank))
+        if group.active:
+            _rank_stream(sampler, group.rank)
         self.step_fn = GraphedInnerLoop(learner, "meta_step", enabled=cfg.cuda_graphs)
         if self.device.type == "cuda" and not self.step_fn.active:
             log.info("meta-steps run eagerly: %s", self.step_fn.fallback_reason)
@@ -235,13 +276,15 @@ class MetaTrainer:
 
     # -- checkpoints --------------------------------------------------------------------------
     def state_dict(self) -> Dict[str, Any]:
+        """The whole training state. In a distributed run every rank must call it together: it
+        gathers every rank's draw streams (``"streams"``, in rank order)."""
+        mine = {"generator": self.generator.get_state(), "sampler": _sampler_state(self.sampler)}
         return {
             "step": self.step,
             "learner": self.learner.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
-            "generator": self.generator.get_state(),
-            "sampler": _sampler_state(self.sampler),
+            "streams": distributed.gather_objects(mine, self.group),
             "python_rng": random.getstate(),
             "numpy_rng": np.random.get_state(),
             "torch_rng": torch.get_rng_state(),
@@ -256,11 +299,15 @@ class MetaTrainer:
         }
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
+        """Restores a :meth:`state_dict`; this rank continues its own stream of the checkpoint's."""
+        check_world_size(state, self.group)
+        mine = checkpoint_streams(state)[self.group.rank]
         self.learner.load_state_dict(state["learner"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        self.generator.set_state(state["generator"].cpu() if hasattr(state["generator"], "cpu") else state["generator"])
-        _restore_sampler(self.sampler, state["sampler"])
+        generator = mine["generator"]
+        self.generator.set_state(generator.cpu() if hasattr(generator, "cpu") else generator)
+        _restore_sampler(self.sampler, mine["sampler"])
         random.setstate(state["python_rng"])
         np.random.set_state(state["numpy_rng"])
         torch.set_rng_state(state["torch_rng"])
@@ -270,11 +317,12 @@ class MetaTrainer:
     def save(self, name: str = LAST) -> Path:
         if name == LAST:
             self._saved_step = self.step
+        state = self.state_dict()   # on every rank: it gathers their streams for rank 0 to write
         if not self.group.is_writer:
             return self.out_dir / name
         if name == LAST:
-            return checkpoint.rotate_save(self.state_dict(), self.out_dir / name, self.cfg.keep_checkpoints)
-        return checkpoint.save_atomic(self.state_dict(), self.out_dir / name)
+            return checkpoint.rotate_save(state, self.out_dir / name, self.cfg.keep_checkpoints)
+        return checkpoint.save_atomic(state, self.out_dir / name)
 
     def checkpoint_files(self) -> List[Path]:
         """Every checkpoint this trainer may have written: the kept series, then ``best.pt``."""
@@ -284,7 +332,7 @@ class MetaTrainer:
         """Continues from the newest intact checkpoint, saying which damaged ones were passed over.
 
         Rank 0 reads and checks it and hands the state (or the error) to every rank, so all ranks
-        resume from the same checkpoint.
+        resume from the same checkpoint, each rank with its own stream from it.
         """
         def read():
             files = self.checkpoint_files()
@@ -299,6 +347,7 @@ class MetaTrainer:
             if diffs:
                 raise CheckpointError(f"cannot resume from {path}: it was written with other settings: "
                                       f"{', '.join(diffs)}; resume with the same settings or start a new run")
+            check_world_size(state, self.group, path)
             if damaged:
                 log.warning("%s; resuming from %s (meta-step %d), the newest intact checkpoint",
                             "; ".join(reason for _, reason in damaged), path, state["step"])
@@ -345,12 +394,10 @@ class MetaTrainer:
 
     def _train_until(self, meta_steps: int, running: Dict[str, float], params, bar) -> None:
         cfg = self.cfg
+        share = cfg.meta_batch // self.group.world_size
         while self.step < meta_steps:
-            batch = self.sampler.train_batch(self.train_scenarios, cfg.meta_batch).to(self.device)
+            batch = self.sampler.train_batch(self.train_scenarios, share).to(self.device)
             noise = self.learner.draw_noise(batch, self.generator)
-            if self.group.active:   # every rank drew the whole batch; it adapts its slice
-                mine = distributed.share(cfg.meta_batch, self.group)
-                batch, noise = distributed.select_scenarios(batch, mine), noise.select(mine)
             terms = self.step_fn(batch, noise)
             if self.group.active:
                 stats = torch.stack([terms.total, terms.query_loss.mean(), terms.reinforce.mean(),
