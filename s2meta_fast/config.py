@@ -207,12 +207,13 @@ CHOICES: Dict[str, Tuple[str, ...]] = {"init": INIT_MODES, "update": UPDATE_MODE
 #   grids for the cross-domain baselines (the paper's 500/1000-step points dominate a CPU run).
 #   Chosen on meta-validation (docs/results.md): ω_R warm-started from Global, and the stop
 #   controller at 1e-2 (at the authors' 5e-5, 400 meta-steps leave it at its init and every loop
-#   stops right after t_min).
+#   stops right after t_min), and validation every 10 meta-steps (meta-validation peaks within the
+#   first 20-50 steps where scenarios have a taste of their own; `best.pt` keeps the peak).
 # "paper": the authors' code, departures included (docs/method.md); it does not choose a length:
 #   set meta_steps (the authors trained for tens of thousands of one-scenario steps).
 PRESETS: Dict[str, Dict[str, Any]] = {
     "demo": {"meta_steps": 400, "meta_batch": 8, "lr_init": 1e-3, "lr_update": 1e-3, "lr_stop": 1e-2,
-             "warm_start": True, "validate_every": 50, "checkpoint_every": 50, "log_every": 25,
+             "warm_start": True, "validate_every": 10, "checkpoint_every": 50, "log_every": 25,
              "baseline_grid": "reduced"},
     "paper": {"optimizer": "adam", "lr_init": 1e-4, "lr_update": 1e-4, "lr_stop": 5e-5, "weight_decay": 1e-5,
               "meta_batch": 1, "validate_every": 500, "checkpoint_every": 500, "log_every": 100,
