@@ -56,7 +56,7 @@ def tiny(tmp_path_factory):
             "--meta-steps", "2", "--meta-batch", "1", "--t-max", "3", "--t-min", "2", "--validate-every", "1",
             "--checkpoint-every", "1", "--global-steps", "20", "--global-batch", "64", "--quiet"]
     out = str(root / "study")
-    code = cli.main(["compare", *args, "--methods", "s2meta,itempop,global", "--ablations", "fixedstep",
+    code = cli.main(["compare", *args, "--methods", "s2meta,itempop,global", "--ablations", "fixedstep,randinit",
                      "--seeds", "3", "--out", out])
     yield code, args, out
     torch.set_num_threads(before)
@@ -67,8 +67,10 @@ def test_compare_writes_tables_statistics_and_chart(tiny, capsys):
     assert code == 0
     doc = json.load(open(os.path.join(out, "compare.json")))
     assert list(doc["methods"]) == ["s2meta", "itempop", "global"]
-    assert list(doc["ablations"]) == ["complete", "fixedstep"]
-    assert set(doc["paired_vs_s2meta"]) == {"methods/itempop", "methods/global", "ablations/fixedstep"}
+    # RandInit under the demo preset's warm start: the ablation turns it off (no ω_R to warm-start)
+    assert list(doc["ablations"]) == ["complete", "fixedstep", "randinit"]
+    assert set(doc["paired_vs_s2meta"]) == {"methods/itempop", "methods/global", "ablations/fixedstep",
+                                            "ablations/randinit"}
     assert doc["headroom"]["3"]["oracle"] >= 0 and "upper bound" in doc["headroom"]["3"]["label"]
     row = doc["methods"]["itempop"]
     assert row["mean"] == row["per_seed"]["3"] and row["std"]["recall@20"] == 0
@@ -87,7 +89,7 @@ def test_finished_study_is_not_rerun_and_other_settings_are_refused(tiny, monkey
         raise AssertionError("a finished (unit, seed) was run again")
 
     monkeypatch.setattr(commands, "run", no_run)
-    assert cli.main(["compare", *args, "--methods", "s2meta,itempop,global", "--ablations", "fixedstep",
+    assert cli.main(["compare", *args, "--methods", "s2meta,itempop,global", "--ablations", "fixedstep,randinit",
                      "--seeds", "3", "--out", out]) == 0
     assert open(os.path.join(out, "compare.json")).read() == before
     capsys.readouterr()
