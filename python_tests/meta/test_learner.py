@@ -6,6 +6,7 @@ import torch
 
 from planted_tasks import planted_batch, planted_world, select
 from s2meta_fast.meta import MetaConfig, MetaLearner
+from s2meta_fast.meta import learner as learner_module
 from s2meta_fast.meta.trainer import TrainConfig, build_optimizer
 from s2meta_fast.models import build_model
 
@@ -138,6 +139,8 @@ def test_no_host_sync_inside_the_inner_loop(monkeypatch):
         return raise_
 
     learner.compact_stopped = False  # the masked loop (CUDA graphs); the compact one reads flags by design
+    # as inside a CUDA-graph capture, where the eager masked loop's exit reads are skipped
+    monkeypatch.setattr(learner_module, "_capturing", lambda device: True)
     with monkeypatch.context() as patch:
         for name in ("item", "tolist", "__bool__", "__float__", "__int__", "__index__", "numpy", "cpu"):
             patch.setattr(torch.Tensor, name, forbidden(name))
@@ -184,6 +187,52 @@ def test_compact_loop_equals_the_masked_loop_bit_for_bit(dtype, fused, dim):
             assert (got is None and expect is None) or torch.equal(got, expect), name
         elif expect is not None:
             torch.testing.assert_close(got, expect, rtol=1e-12, atol=1e-15, msg=name)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_masked_loop_exit_changes_no_value(fused):
+    """The eager masked loop's exit (every scenario stopped: end) gives θ, steps, live stop logits,
+    the meta-loss and every meta-gradient bit for bit as the full-length masked loop."""
+    learner, items = make_learner(fused=fused)
+    learner.compact_stopped = False
+    with torch.no_grad():
+        learner.stop_controller.head.bias.fill_(-0.5)  # mixed stopping times, all before t_max
+    batch = planted_batch(items, 40, 8, seed=3)
+    noise = learner.draw_noise(batch, torch.Generator().manual_seed(11))
+    params = list(learner.parameters())
+    step = learner.model.loss_and_grad
+    runs = {}
+    for every in (0, 4):
+        learner.masked_exit_every = every
+        calls = []
+        learner.model.loss_and_grad = lambda *a, **k: calls.append(1) or step(*a, **k)
+        adapted = learner.adapt(batch, noise=noise)
+        learner.model.loss_and_grad = step
+        terms = learner.meta_loss(batch, noise=noise)
+        runs[every] = adapted, terms, torch.autograd.grad(terms.total, params, allow_unused=True), len(calls)
+    (a_full, t_full, g_full, n_full), (a_exit, t_exit, g_exit, n_exit) = runs[0], runs[4]
+    assert n_full == learner.config.t_max and n_exit < n_full   # it did end early
+    assert torch.equal(a_exit.theta, a_full.theta) and torch.equal(a_exit.steps, a_full.steps)
+    assert torch.equal(a_exit.updated, a_full.updated)
+    live = torch.arange(a_full.stop_logit.shape[0]).unsqueeze(1) <= a_full.steps
+    assert torch.equal(a_exit.stop_logit[live], a_full.stop_logit[live])
+    for field in ("total", "query_loss", "reinforce", "steps"):
+        assert torch.equal(getattr(t_exit, field), getattr(t_full, field)), field
+    for (name, _), got, expect in zip(learner.named_parameters(), g_exit, g_full):
+        assert (got is None and expect is None) or torch.equal(got, expect), name
+
+
+def test_masked_loop_reads_right_after_t_min_then_every_segment():
+    learner, items = make_learner()
+    learner.compact_stopped = False
+    force_stop_bias(learner, 30.0)   # every scenario stops at the first chance, step t_min
+    batch = planted_batch(items, 40, 3)
+    calls = []
+    step = learner.model.loss_and_grad
+    learner.model.loss_and_grad = lambda *a, **k: calls.append(1) or step(*a, **k)
+    out = learner.adapt(batch, generator=torch.Generator().manual_seed(0))
+    assert out.steps.tolist() == [4, 4, 4] and out.updated.shape == (learner.config.t_max, 3)
+    assert len(calls) == learner.config.t_min + 1   # steps 0 … t_min, then the read ends the loop
 
 
 def test_compact_loop_ends_when_every_scenario_has_stopped():

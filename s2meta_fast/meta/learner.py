@@ -3,9 +3,11 @@
 The inner loop adapts S scenarios at once over a flat θ [S, N]. Two ways to handle a stop, with
 the same numbers:
 
-- *masked* (CUDA): a stopped scenario keeps its θ frozen (``torch.where``) while the others go on,
-  so the loop always runs its full length with no host synchronisation and can be captured in a
-  CUDA graph; stopped scenarios are computed and discarded.
+- *masked* (CUDA, and the CPU reference path): a stopped scenario keeps its θ frozen
+  (``torch.where``) while the others go on, so the loop has no host synchronisation and can be
+  captured in a CUDA graph; stopped scenarios are computed and discarded. Captured, it runs its
+  full length; run eagerly, it reads once right after ``t_min`` and then every
+  ``masked_exit_every`` steps whether any scenario is left, and ends when none is.
 - *compact* (CPU with the fused kernels, where a host read costs nothing): between steps the loop reads which scenarios
   are still active, drops the stopped ones from every per-scenario tensor, and ends as soon as
   none is left. The stop controller ends most loops a few steps after ``t_min``, so this skips
@@ -27,6 +29,11 @@ from .meta_config import STOP_MODES, MetaConfig
 from .noise import InnerNoise
 from .stop_controller import StopController
 from .update_controller import FastUpdateController, UpdateController
+
+
+def _capturing(device: torch.device) -> bool:
+    """Whether a CUDA graph is being captured on `device`'s current stream (no host reads there)."""
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
 @dataclass
@@ -175,6 +182,10 @@ class MetaLearner(nn.Module):
         # docstring); True/False force one.
         # Not a MetaConfig field: it changes the cost of the loop, never its results.
         self.compact_stopped: Optional[bool] = None
+        # The masked loop outside a CUDA-graph capture (eager CUDA, the CPU reference path) asks
+        # once right after t_min and then every `masked_exit_every` steps whether any scenario is
+        # still adapting, and ends when none is: one host read per segment. 0: never.
+        self.masked_exit_every: int = 4
         self.to(user_emb.dtype)
 
     # -- parameter groups (the trainer gives them different learning rates) ------------------
@@ -290,6 +301,8 @@ class MetaLearner(nn.Module):
         live = torch.arange(n_scenarios, device=theta.device)
         parked: Dict[int, Tensor] = {}
         sub = _LoopInputs(users, positives, batch.support_item_index, batch.pool, batch.pool_size, noise.neg, query)
+        every = self.masked_exit_every
+        exits = not compact and not record and stop != "fixed" and every > 0 and not _capturing(theta.device)
 
         def widen(rows: Tensor, fill: float = 0.0) -> Tensor:  # live rows -> all S rows (`fill` for the dropped)
             if not parked:
@@ -310,6 +323,8 @@ class MetaLearner(nn.Module):
                     live, theta = live[index], theta.index_select(0, index)
                     state = None if state is None else tuple(x.index_select(0, index) for x in state)
                     sub = sub.select(index)
+            elif exits and t > cfg.t_min and (t - cfg.t_min - 1) % every == 0 and not bool(active.any()):
+                break   # every scenario has stopped: the remaining steps would change nothing
             if noise.pick is None:
                 step_users, step_positives = sub.users, sub.positives
                 negatives = self.item_emb[self._negatives(sub, sub.neg[t])]
