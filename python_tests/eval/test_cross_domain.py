@@ -92,6 +92,23 @@ def test_neumf_beats_random_on_planted_data():
         model.adapt([replace(tasks[0], name="other")], torch.Generator())
 
 
+def test_neumf_is_the_same_on_every_run_with_two_threads():
+    """One seed, one NeuMF: the embedding lookups' backward must not add in thread order."""
+    prepared, tasks = _planted()
+    cfg = NeuMFConfig(pretrain_steps=60, fused_steps=30, batch_size=512)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        fits = [NeuMF(prepared.user_emb.shape[0], prepared.item_emb.shape[0], cfg).fit(prepared, tasks, seed=0).params
+                for _ in range(3)]
+    finally:
+        torch.set_num_threads(before)
+    assert not torch.are_deterministic_algorithms_enabled()   # the setting is the block's only
+    for other in fits[1:]:
+        for name, value in fits[0].items():
+            assert torch.equal(value, other[name]), name
+
+
 def _scrambled(tasks):
     """The same tasks with every evaluation positive moved to another item of the scenario."""
     out = []

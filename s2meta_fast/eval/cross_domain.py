@@ -31,10 +31,11 @@ Recall@20 (:func:`select_cross_domain`).
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -565,16 +566,18 @@ class NeuMF:
         # pre-trained output layers (see _logit), then everything trains at a smaller rate.
         stages = (("gmf", gmf_keys, c.pretrain_steps, c.lr), ("mlp", mlp_keys, c.pretrain_steps, c.lr),
                   ("fused", list(p), c.fused_steps, c.fused_lr))
-        for part, keys, steps, lr in stages:
-            optimiser = torch.optim.Adam([p[k] for k in keys], lr=lr)
-            for _ in trange(steps, desc=f"train neumf ({part})", unit="step", disable=not progress, leave=False):
-                u, pos, neg = pool.batch(c.batch_size, c.n_neg, generator)
-                with torch.enable_grad():
-                    loss = _log_loss(self._logit(p, u, pos, part),
-                                     self._logit(p, u.unsqueeze(-1).expand_as(neg), neg, part)).mean()
-                    optimiser.zero_grad(set_to_none=True)
-                    loss.backward()
-                optimiser.step()
+        with _deterministic(self.device):
+            for part, keys, steps, lr in stages:
+                optimiser = torch.optim.Adam([p[k] for k in keys], lr=lr)
+                for _ in trange(steps, desc=f"train neumf ({part})", unit="step", disable=not progress,
+                                leave=False):
+                    u, pos, neg = pool.batch(c.batch_size, c.n_neg, generator)
+                    with torch.enable_grad():
+                        loss = _log_loss(self._logit(p, u, pos, part),
+                                         self._logit(p, u.unsqueeze(-1).expand_as(neg), neg, part)).mean()
+                        optimiser.zero_grad(set_to_none=True)
+                        loss.backward()
+                    optimiser.step()
         self.params = {k: v.detach() for k, v in p.items()}
         self.fitted = {t.name for t in tasks}
         return self
@@ -593,6 +596,26 @@ class NeuMF:
             u = users[:, lo:lo + chunk].unsqueeze(2).expand(-1, -1, B)
             out.append(self._logit(state, u, items.unsqueeze(1).expand_as(u), "fused"))
         return torch.cat(out, dim=1)
+
+
+@contextlib.contextmanager
+def _deterministic(device: torch.device) -> Iterator[None]:
+    """PyTorch's deterministic algorithms for the block, on the CPU.
+
+    The backward of NeuMF's embedding lookups (``index_put_`` with accumulation) adds rows in
+    thread order on a multi-threaded CPU by default, so one seed gave a NeuMF up to 0.7 Recall@20
+    points apart from run to run; the deterministic path sums in index order. On CUDA it would
+    also need a cuBLAS workspace setting, so CUDA keeps the default.
+    """
+    if device.type != "cpu":
+        yield
+        return
+    before, warn_only = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before, warn_only=warn_only)
 
 
 class _NegPool:
