@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import trange
 
-from .protocol import evaluate
+from .protocol import evaluate, evaluate_step_counts
 
 
 # --------------------------------------------------------------------------------------------
@@ -279,21 +279,6 @@ class FinetuneGrid:
             raise ValueError(f"FinetuneGrid.steps must be positive integers, got {list(self.steps)}")
 
 
-class _Snapshot:
-    """A Method that replays θ snapshots computed once per block (grid search without recompute)."""
-
-    name = "finetune-grid"
-
-    def __init__(self, scorer: _ThetaScorer, thetas: Dict[int, Tensor]):
-        self.scorer, self.thetas = scorer, thetas
-
-    def adapt(self, tasks: Sequence[Any], generator: torch.Generator) -> Tensor:
-        return self.thetas[tuple(t.name for t in tasks)]
-
-    def score(self, theta: Tensor, users: Tensor, items: Tensor) -> Tensor:
-        return self.scorer.score(theta, users, items)
-
-
 def select_finetune(model: Any, theta: Tensor, user_emb: Tensor, item_emb: Tensor, valid_tasks: Sequence[Any],
                     grid: FinetuneGrid = FinetuneGrid(), ks: Sequence[int] = (20,), seed: int = 0,
                     block_size: int = 16, progress: bool = False) -> Dict[str, Any]:
@@ -302,8 +287,6 @@ def select_finetune(model: Any, theta: Tensor, user_emb: Tensor, item_emb: Tenso
     Returns ``{"lr", "steps", "score", "table": {(lr, steps): score}}``. Ties prefer fewer steps,
     then the smaller lr (the cheaper, more conservative choice).
     """
-    from .protocol import block_generator, plan_blocks
-
     if not valid_tasks:
         raise ValueError("select_finetune needs meta-validation tasks")
     ks = tuple(sorted(set(ks) | {int(grid.metric.split("@")[1])}))
@@ -312,14 +295,9 @@ def select_finetune(model: Any, theta: Tensor, user_emb: Tensor, item_emb: Tenso
     steps = sorted(int(s) for s in grid.steps)
     for lr in grid.lrs:
         tuner = Finetune(model, theta, user_emb, item_emb, lr, steps[-1])
-        per_step: Dict[int, Dict[tuple, Tensor]] = {s: {} for s in steps}
-        for index, group in enumerate(plan_blocks(valid_tasks, block_size)):
-            snaps = tuner.trajectory(group, block_generator(seed, index, device), steps)
-            for s in steps:
-                per_step[s][tuple(t.name for t in group)] = snaps[s]
-        for s in steps:
-            result = evaluate(_Snapshot(tuner, per_step[s]), valid_tasks, ks, seed=seed, device=device,
-                              block_size=block_size, progress=progress)
+        results = evaluate_step_counts("finetune-grid", tuner.trajectory, tuner.score, valid_tasks, steps, ks,
+                                       seed=seed, device=device, block_size=block_size, progress=progress)
+        for s, result in results.items():
             table[(lr, s)] = result["metrics"][grid.metric]
     best = max(table, key=lambda key: (table[key], -key[1], -key[0]))
     return {"lr": best[0], "steps": best[1], "score": table[best],

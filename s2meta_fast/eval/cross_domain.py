@@ -44,7 +44,7 @@ from torch import Tensor
 from tqdm.auto import tqdm, trange
 
 from .baselines import _source_pairs
-from .protocol import block_generator, evaluate, plan_blocks
+from .protocol import evaluate_step_counts
 
 
 # --------------------------------------------------------------------------------------------
@@ -661,19 +661,6 @@ def reduced_grid(name: str) -> Dict[str, tuple]:
     return dict(_REDUCED[name])
 
 
-class _Replay:
-    """A Method replaying states fitted once per block (one training serves every step count)."""
-
-    def __init__(self, model: _CrossDomain, states: Dict[tuple, tuple]):
-        self.model, self.states, self.name = model, states, model.name
-
-    def adapt(self, tasks, generator):
-        return self.states[tuple(t.name for t in tasks)]
-
-    def score(self, state, users, items):
-        return self.model.score(state, users, items)
-
-
 def grid_points(name: str, grid: Optional[Mapping[str, Sequence]] = None) -> Tuple[List[dict], List[int]]:
     """The (non-step hyper-parameter) points and the step counts of a method's grid."""
     grid = dict(CROSS_DOMAIN[name].GRID if grid is None else grid)
@@ -701,14 +688,9 @@ def select_cross_domain(name: str, domains: Domains, user_emb: Tensor, item_emb:
     scored: List[tuple] = []
     for point in tqdm(points, desc=f"choose {name} hyper-parameters", unit="point", disable=not progress, leave=False):
         model = cls(domains, user_emb, item_emb, {**point, "steps": steps[-1]})
-        per_step: Dict[int, Dict[tuple, tuple]] = {s: {} for s in steps}
-        for index, group in enumerate(plan_blocks(valid_tasks, block_size)):
-            snaps = model.fit(group, block_generator(seed, index, device), steps)
-            for s in steps:
-                per_step[s][tuple(t.name for t in group)] = snaps[s]
-        for s in steps:
-            res = evaluate(_Replay(model, per_step[s]), valid_tasks, (k,), seed=seed, device=device,
-                           block_size=block_size, progress=False)
+        results = evaluate_step_counts(model.name, model.fit, model.score, valid_tasks, steps, (k,), seed=seed,
+                                       device=device, block_size=block_size)
+        for s, res in results.items():
             hp = {**point, "steps": s}
             value = res["metrics"][metric]
             table[",".join(f"{key}={hp[key]}" for key in sorted(hp))] = value

@@ -104,6 +104,34 @@ def block_generator(seed: int, index: int, device: torch.device) -> torch.Genera
     return generator
 
 
+class _Replay:
+    """A Method replaying the states fitted once per block, keyed by the block's task names."""
+
+    def __init__(self, name: str, score: Any, states: Dict[tuple, Any]):
+        self.name, self.score, self.states = name, score, states
+
+    def adapt(self, tasks: Sequence[Any], generator: torch.Generator) -> Any:
+        return self.states[tuple(t.name for t in tasks)]
+
+
+def evaluate_step_counts(name: str, fit: Any, score: Any, tasks: Sequence[Any], steps: Sequence[int],
+                         ks: Sequence[int], *, seed: int = 0, device: Optional[torch.device] = None,
+                         block_size: int = 16, progress: bool = False) -> Dict[int, Dict[str, Any]]:
+    """A grid search's scores for every step count from one training per block.
+
+    ``fit(tasks, generator, steps) -> {step: state}`` trains a block of tasks once, keeping the
+    state after each step count; ``score(state, users, items)`` is the method's. Each block gets
+    the generator :func:`evaluate` would give it. Returns ``{step: evaluate(...) result}``.
+    """
+    per_step: Dict[int, Dict[tuple, Any]] = {s: {} for s in steps}
+    for index, group in enumerate(plan_blocks(tasks, block_size)):
+        snaps = fit(group, block_generator(seed, index, device), steps)
+        for s in steps:
+            per_step[s][tuple(t.name for t in group)] = snaps[s]
+    return {s: evaluate(_Replay(name, score, per_step[s]), tasks, ks, seed=seed, device=device,
+                        block_size=block_size, progress=progress) for s in steps}
+
+
 def evaluate(method: Method, tasks: Sequence[Any], ks: Sequence[int] = DEFAULT_KS, *, seed: int = 0,
              device: str | torch.device = "cpu", block_size: int = 16, max_pairs: int = 4_000_000,
              progress: bool = True, desc: Optional[str] = None,
