@@ -79,8 +79,8 @@ def test_run_writes_results_for_all_methods(straight_run, capsys):
     assert "| ItemPop |" in printed.out and "s2meta_fast backend:" in printed.err
 
 
-def test_interrupted_run_resumes_to_the_same_result(dataset, straight_run, tmp_path, monkeypatch, capsys):
-    out = str(tmp_path / "interrupted")
+def _interrupt_at_step_2(monkeypatch):
+    """Makes meta-training raise KeyboardInterrupt after meta-step 2; returns the real method."""
     periodic = trainer_mod.MetaTrainer._periodic
 
     def interrupt_at_step_2(self, running):
@@ -89,6 +89,12 @@ def test_interrupted_run_resumes_to_the_same_result(dataset, straight_run, tmp_p
         periodic(self, running)
 
     monkeypatch.setattr(trainer_mod.MetaTrainer, "_periodic", interrupt_at_step_2)
+    return periodic
+
+
+def test_interrupted_run_resumes_to_the_same_result(dataset, straight_run, tmp_path, monkeypatch, capsys):
+    out = str(tmp_path / "interrupted")
+    periodic = _interrupt_at_step_2(monkeypatch)
     assert cli.main(["run", *dataset, *TINY, "--out", out]) == cli.EXIT_INTERRUPTED
     assert "--resume" in capsys.readouterr().err
     assert not os.path.exists(os.path.join(out, "results.json"))
@@ -118,14 +124,7 @@ def test_warm_start_begins_at_global_and_round_trips_through_resume(dataset, tmp
     assert not torch.equal(moved, global_theta.to(moved.dtype))   # meta-training went on from there
 
     out = str(tmp_path / "interrupted")
-    periodic = trainer_mod.MetaTrainer._periodic
-
-    def interrupt_at_step_2(self, running):
-        if self.step == 2:
-            raise KeyboardInterrupt
-        periodic(self, running)
-
-    monkeypatch.setattr(trainer_mod.MetaTrainer, "_periodic", interrupt_at_step_2)
+    periodic = _interrupt_at_step_2(monkeypatch)
     assert cli.main(["train", *dataset, *TINY, "--warm-start", "--out", out]) == cli.EXIT_INTERRUPTED
     monkeypatch.setattr(trainer_mod.MetaTrainer, "_periodic", periodic)
     assert cli.main(["train", *dataset, *TINY, "--no-warm-start", "--out", out, "--resume"]) == cli.EXIT_USAGE
