@@ -22,7 +22,7 @@ import os
 import sys
 from typing import Dict, List
 
-from s2meta_fast.app.compare import paired_bootstrap
+from s2meta_fast.app.compare import paired_bootstrap, per_scenario
 
 # two-sided 95 % Student t quantiles, by degrees of freedom
 T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
@@ -95,17 +95,11 @@ def scenario_interval(runs: List[str], method: str) -> str:
     """The interval `s2meta compare` reports: test scenarios resampled with replacement in every
     seed (the same draw for both methods), pooled, averaged over seeds. It holds the trained
     models fixed, so it is narrower than the interval over seeds, which also varies training."""
-    per = []
-    for run in runs:
-        docs = []
-        for name in ("s2meta", method):
-            path = os.path.join(run, "methods", f"{name}.json")
-            if not os.path.exists(path):
-                return "n/a"
-            with open(path) as fh:
-                docs.append(json.load(fh)["per_scenario"])
-        per.append(docs)
-    res = paired_bootstrap([a for a, _ in per], [b for _, b in per], "recall@20")
+    ours = [per_scenario(run, "s2meta") for run in runs]
+    theirs = [per_scenario(run, method) for run in runs]
+    if any(doc is None for doc in ours + theirs):
+        return "n/a"
+    res = paired_bootstrap(ours, theirs, "recall@20")
     lo, hi = (100 * v for v in res["ci95"])
     return f"[{lo:+.2f}, {hi:+.2f}]" + (" *" if res["excludes_zero"] else "")
 

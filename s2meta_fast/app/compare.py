@@ -210,7 +210,8 @@ def paired_bootstrap(ours: Sequence[Mapping[str, Any]], theirs: Sequence[Mapping
             "excludes_zero": bool(lo > 0 or hi < 0), "n_bootstrap": n}
 
 
-def _per_scenario(folder: str, method: str) -> Optional[Dict[str, Any]]:
+def per_scenario(folder: str, method: str) -> Optional[Dict[str, Any]]:
+    """A run folder's per-scenario metric sums of `method` (None when it was not evaluated)."""
     doc = run_folder.read_json(run_folder.method_path(folder, method))
     return None if doc is None else doc.get("per_scenario")
 
@@ -233,7 +234,7 @@ def build_compare(cfg: Config, study: Study, units: Sequence[Tuple[str, str, Dic
             row["seconds"] = {str(s): results[(name, s)].get("timings", {}).get(method) for s in seeds}
             rows[section[kind]][row_name] = row
             scen[(section[kind], row_name)] = [
-                _per_scenario(os.path.join(out, RUNS_DIR, f"{name}-seed{s}"), method) for s in seeds]
+                per_scenario(os.path.join(out, RUNS_DIR, f"{name}-seed{s}"), method) for s in seeds]
     if "s2meta" in rows["methods"]:
         rows["architectures"] = {cfg.train.model: rows["methods"]["s2meta"], **rows["architectures"]}
         rows["ablations"] = {"complete": rows["methods"]["s2meta"], **rows["ablations"]}
@@ -356,4 +357,4 @@ def draw_chart(doc: Mapping[str, Any], path: str) -> None:
 
 
 __all__ = ["ABLATIONS", "Study", "build_compare", "check_study_folder", "compare", "compare_markdown", "draw_chart",
-           "paired_bootstrap", "parse_names", "parse_seeds"]
+           "paired_bootstrap", "parse_names", "parse_seeds", "per_scenario"]
