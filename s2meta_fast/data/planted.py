@@ -9,7 +9,9 @@ each scenario's ranking departs from the global one in a direction its support p
 headroom diagnostic then measures. Choices are Gumbel-top-k draws (a Plackett-Luce sample) at
 temperature ``temp``.
 
-Registered as ``planted0``, ``planted05``, ``planted1`` and ``planted2`` (strength 0, 0.5, 1, 2).
+Registered as ``planted0``, ``planted05``, ``planted1`` and ``planted2`` (strength 0, 0.5, 1, 2;
+48 scenarios), and ``planted1x4``: strength 1 with 192 scenarios, four times the meta-train,
+meta-valid and meta-test scenarios, to measure what the number of scenarios does to the methods.
 """
 from __future__ import annotations
 
@@ -17,7 +19,9 @@ import numpy as np
 
 from .scenarios import RawData
 
-STRENGTHS = {"planted0": 0.0, "planted05": 0.5, "planted1": 1.0, "planted2": 2.0}
+# name -> load_planted options
+BENCHMARKS = {"planted0": {"strength": 0.0}, "planted05": {"strength": 0.5}, "planted1": {"strength": 1.0},
+              "planted2": {"strength": 2.0}, "planted1x4": {"strength": 1.0, "n_scenarios": 192}}
 
 
 def load_planted(data_dir: str | None = None, *, seed: int = 0, strength: float = 1.0, n_users: int = 1500,
@@ -78,4 +82,4 @@ def load_planted(data_dir: str | None = None, *, seed: int = 0, strength: float 
                           "n_scenario_interactions": int(len(tgt_u)), "n_candidate_tags": len(tags)})
 
 
-__all__ = ["STRENGTHS", "load_planted"]
+__all__ = ["BENCHMARKS", "load_planted"]

@@ -51,11 +51,13 @@ DATASETS: dict[str, DatasetSpec] = {
         "taobao", taobao.load_taobao, "Taobao Cloud Theme; themes as scenarios, given embeddings",
         taobao.FILES, min_items=100, max_items=1000),
 }
-for _name, _strength in planted.STRENGTHS.items():
+_PLANTED_SCENARIOS = inspect.signature(planted.load_planted).parameters["n_scenarios"].default
+for _name, _options in planted.BENCHMARKS.items():
     DATASETS[_name] = DatasetSpec(
         _name, planted.load_planted,
-        f"generated: scenario-specific preferences planted at strength {_strength:g} (no files)",
-        {}, min_items=30, max_items=400, mf_epochs=20, options={"strength": _strength, "taste": "scenario_users"})
+        f"generated: scenario-specific preferences planted at strength {_options['strength']:g}, "
+        f"{_options.get('n_scenarios', _PLANTED_SCENARIOS)} scenarios (no files)",
+        {}, min_items=30, max_items=400, mf_epochs=20, options={**_options, "taste": "scenario_users"})
 
 
 def available_datasets() -> list[str]:
