@@ -1,4 +1,5 @@
 """prepare(): registry, thresholds, split, embeddings, caching and determinism."""
+import inspect
 import logging
 import os
 
@@ -8,6 +9,7 @@ import torch
 
 from s2meta_fast.data import (DATASETS, UnknownDatasetError, available_datasets, load_prepared, prepare,
                               save_prepared)
+from s2meta_fast.data import planted
 from s2meta_fast.data.embeddings import train_bpr
 
 # Mirrors conftest.SMALL (test dirs are not packages, so no import from it).
@@ -21,6 +23,19 @@ def test_registry_names():
         prepare("movielens")
     for name in DATASETS:
         assert name in str(exc.value)
+
+
+@pytest.mark.parametrize("name", sorted(planted.BENCHMARKS))
+def test_planted_benchmarks_reach_the_generator(name):
+    """Each registered planted benchmark's options are the generator's: its strength and its
+    number of scenarios arrive (a small world of 60 users keeps this fast)."""
+    options = DATASETS[name].options
+    assert set(options) <= set(inspect.signature(planted.load_planted).parameters)
+    raw = planted.load_planted(**options, n_users=60)
+    expected = planted.BENCHMARKS[name].get("n_scenarios",
+                                            inspect.signature(planted.load_planted).parameters["n_scenarios"].default)
+    assert len(raw.tags) == expected
+    assert raw.stats["strength"] == planted.BENCHMARKS[name]["strength"]
 
 
 def test_unknown_option_lists_valid_ones(synthetic_dirs, cache_dir):
