@@ -7,9 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from s2meta_fast.data import (DATASETS, UnknownDatasetError, available_datasets, load_prepared, prepare,
+from s2meta_fast.data import (DATASETS, UnknownDatasetError, available_datasets, load_prepared, planted, prepare,
                               save_prepared)
-from s2meta_fast.data import planted
 from s2meta_fast.data.embeddings import train_bpr
 
 # Mirrors conftest.SMALL (test dirs are not packages, so no import from it).
