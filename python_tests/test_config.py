@@ -60,10 +60,15 @@ def test_flags_override_file(tmp_path):
     ({"meta_batch": 0}, "meta_batch"),
     ({"model": "deep"}, "model must be one of"),
     ({"finetune_lrs": [0.1, -1]}, "finetune_lrs"),
+    ({"init": "random", "warm_start": True}, "warm_start needs a learned initialisation"),
 ])
 def test_bad_values_raise_when_built(options, fragment):
     with pytest.raises(ConfigError, match=fragment):
         build_config(options)
+
+
+def test_randinit_builds_without_the_warm_start():
+    assert build_config({"init": "random", "warm_start": False}).meta.init == "random"
 
 
 def test_round_trip_through_yaml(tmp_path):

@@ -275,6 +275,10 @@ class Config:
     run: RunConfig = field(default_factory=RunConfig)
 
     def __post_init__(self) -> None:
+        # Caught here, before data preparation and Global's training, rather than when ω_R is set.
+        _need(not (self.train.warm_start and self.meta.init == "random"), "Config",
+              "warm_start needs a learned initialisation (init: learned); init: random has no ω_R to start "
+              "from Global's θ: turn it off (--no-warm-start)")
         # The fused kernels' CUDA limits fail here, before data loading and graph capture.
         if self.run.device == "cuda" and self.meta.fused:
             errors = cuda_limit_errors(hidden_size=self.meta.hidden_size if self.meta.update == "lstm" else None,
