@@ -20,12 +20,15 @@ import json
 import math
 import os
 import sys
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 from s2meta_fast.app.compare import paired_bootstrap, per_scenario
 
-# two-sided 95 % Student t quantiles, by degrees of freedom
-T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
+# two-sided 95 % Student t quantiles, by degrees of freedom (beyond 30: t975)
+T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
+        11: 2.201, 12: 2.179, 13: 2.160, 14: 2.145, 15: 2.131, 16: 2.120, 17: 2.110, 18: 2.101, 19: 2.093,
+        20: 2.086, 21: 2.080, 22: 2.074, 23: 2.069, 24: 2.064, 25: 2.060, 26: 2.056, 27: 2.052, 28: 2.048,
+        29: 2.045, 30: 2.042}
 NAMES = {"s2meta": "s²Meta", "itempop": "ItemPop", "global": "Global", "finetune": "Finetune"}
 
 
@@ -35,7 +38,16 @@ def mean_ci(values: List[float]) -> tuple:
     if n < 2:
         return mean, float("nan")
     sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
-    return mean, T975.get(n - 1, 1.96) * sd / math.sqrt(n)
+    return mean, t975(n - 1) * sd / math.sqrt(n)
+
+
+def t975(df: int) -> float:
+    """The 97.5 % Student t quantile: the table, else the Cornish-Fisher expansion around the
+    normal's 1.96 (within 1e-3 from 30 degrees of freedom on)."""
+    if df in T975:
+        return T975[df]
+    z = 1.959964
+    return z + (z ** 3 + z) / (4 * df) + (5 * z ** 5 + 16 * z ** 3 + 3 * z) / (96 * df ** 2)
 
 
 def load(run: str) -> Dict:
@@ -76,26 +88,27 @@ def table(name: str, runs: List[str]) -> str:
                      + f" | {r.get('before', float('nan')):.2f} | {r.get('gain', float('nan')):+.2f} | "
                        f"{r.get('steps', float('nan')):.1f} | {r.get('finetune', '')} | {r.get('best_valid_step', '')} |")
     means = {m: mean_ci([r["recall"][m] for r in rows]) for m in methods}
+    gain = mean_ci([r["gain"] for r in rows]) if all("gain" in r for r in rows) else None
     lines.append("| mean ± 95 % CI | | | " + " | ".join(f"{means[m][0]:.2f} ± {means[m][1]:.2f}" for m in methods)
-                 + " | | " + (f"{mean_ci([r['gain'] for r in rows])[0]:+.2f} ± {mean_ci([r['gain'] for r in rows])[1]:.2f}"
-                             if all("gain" in r for r in rows) else "") + " | | | |")
+                 + " | | " + (f"{gain[0]:+.2f} ± {gain[1]:.2f}" if gain else "") + " | | | |")
     lines += ["", "| paired difference (Recall@20 points) | mean | 95 % CI over seeds (t) | "
                   "95 % CI, scenarios resampled | per seed |", "|---|---:|---|---|---|"]
+    ours = [per_scenario(run, "s2meta") for run in runs]
     for m in methods:
         if m == "s2meta":
             continue
         diffs = [r["recall"]["s2meta"] - r["recall"][m] for r in sorted(rows, key=lambda r: r["seed"])]
         mean, half = mean_ci(diffs)
         lines.append(f"| s²Meta − {NAMES[m]} | {mean:+.2f} | [{mean - half:+.2f}, {mean + half:+.2f}]"
-                     + (" *" if abs(mean) > half else "") + f" | {scenario_interval(runs, m)} | " + ", ".join(f"{d:+.2f}" for d in diffs) + " |")
+                     + (" *" if abs(mean) > half else "") + f" | {scenario_interval(ours, runs, m)} | " + ", ".join(f"{d:+.2f}" for d in diffs) + " |")
     return "\n".join(lines)
 
 
-def scenario_interval(runs: List[str], method: str) -> str:
+def scenario_interval(ours: List[Optional[dict]], runs: List[str], method: str) -> str:
     """The interval `s2meta compare` reports: test scenarios resampled with replacement in every
     seed (the same draw for both methods), pooled, averaged over seeds. It holds the trained
-    models fixed, so it is narrower than the interval over seeds, which also varies training."""
-    ours = [per_scenario(run, "s2meta") for run in runs]
+    models fixed, so it is narrower than the interval over seeds, which also varies training.
+    `ours`: s²Meta's per-scenario sums of the same runs."""
     theirs = [per_scenario(run, method) for run in runs]
     if any(doc is None for doc in ours + theirs):
         return "n/a"
