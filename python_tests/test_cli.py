@@ -67,7 +67,7 @@ def test_run_writes_results_for_all_methods(straight_run, capsys):
     row = adaptation["scenarios"][0]
     assert row["gain"] == pytest.approx(row["recall@20_after"] - row["recall@20_before"])
     assert 2 <= row["steps"] <= 5 and set(row["alpha_mean"]) == set(row["beta_mean"]) and len(row["alpha_mean"]) == 8
-    assert [h["step"] for h in adaptation["validation_history"] if "valid_score" in h] == [1, 2, 3]
+    assert [h["step"] for h in adaptation["validation_history"] if "valid_score" in h] == [0, 1, 2, 3]
     assert adaptation["valid"]["summary"]["n_scenarios"] >= 1
     assert os.path.getsize(os.path.join(out, "validation_curve.png")) > 0
 
@@ -131,6 +131,20 @@ def test_warm_start_begins_at_global_and_round_trips_through_resume(dataset, tmp
     assert "warm_start (True -> False)" in capsys.readouterr().err
     assert cli.main(["train", *dataset, *TINY, "--warm-start", "--out", out, "--resume"]) == 0
     assert torch.equal(_omega(os.path.join(out, "checkpoint.pt")), moved)
+
+
+def test_controllers_start_as_finetune_chose_on_meta_validation(dataset, tmp_path):
+    out = str(tmp_path / "start")
+    args = [*dataset, *TINY, "--warm-start", "--controller-start", "finetune", "--meta-steps", "0", "--out", out]
+    assert cli.main(["train", *args]) == 0
+    with open(os.path.join(out, "finetune.json")) as fh:
+        choice = json.load(fh)
+    alpha = choice["lr"] * choice["steps"] / 5   # TINY: --t-max 5
+    learner = trainer_mod.checkpoint.load(os.path.join(out, "checkpoint.pt"))["learner"]
+    assert torch.all(learner["update_controller.w_gate"] == 0)
+    torch.testing.assert_close(torch.sigmoid(learner["update_controller.b_gate"][:, 0]),
+                               torch.full((8,), alpha), rtol=1e-6, atol=0)
+    assert torch.all(learner["stop_controller.head.weight"] == 0)
 
 
 def test_resume_refuses_changed_settings_and_missing_runs(dataset, tmp_path, capsys):
@@ -225,7 +239,7 @@ def test_fixed_step_ablation_is_validated_and_evaluated_as_trained(dataset, tmp_
     out = str(tmp_path / "fixedstep")
     args = [*dataset, *TINY, "--stop", "fixed", "--steps", "3", "--methods", "s2meta", "--out", out]
     assert cli.main(["run", *args]) == 0
-    assert len(seen) == 4 and set(seen) == {"fixed"}   # 3 validations and the evaluation
+    assert len(seen) == 5 and set(seen) == {"fixed"}   # the start, 3 validations and the evaluation
     seen.clear()
     assert cli.main(["evaluate", "--out", out, "--quiet", "--eval-stop", "sample"]) == 0   # unless asked
     assert seen == ["sample"]

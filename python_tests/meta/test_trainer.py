@@ -90,14 +90,40 @@ def test_ten_non_finite_steps_in_a_row_abort(tmp_path):
 
 
 def test_validation_drives_best_checkpoint_and_plateau(tmp_path):
-    scores = iter([0.1, 0.3, 0.2, 0.2, 0.2, 0.2])
+    scores = iter([0.05, 0.1, 0.3, 0.2, 0.2, 0.2, 0.2])
     trainer = make(tmp_path, validate_every=1, plateau_patience=2, lr_init=1e-3)
     trainer.validate = lambda learner: next(scores)
     trainer.fit(6)
     assert checkpoint.load(tmp_path / "run" / "best.pt")["step"] == 2
     assert trainer.best_score == 0.3
-    assert [r["valid_score"] for r in trainer.history] == [0.1, 0.3, 0.2, 0.2, 0.2, 0.2]
+    assert [(r["step"], r["valid_score"]) for r in trainer.history] == [
+        (0, 0.05), (1, 0.1), (2, 0.3), (3, 0.2), (4, 0.2), (5, 0.2), (6, 0.2)]
     assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(2e-4)  # reduced once, factor 0.2
+
+
+def test_the_starting_learner_can_be_the_best_and_does_not_drive_the_plateau(tmp_path):
+    scores = iter([0.5, 0.1, 0.1, 0.1, 0.1])
+    trainer = make(tmp_path, validate_every=1, plateau_patience=2, lr_init=1e-3)
+    start = {k: v.clone() for k, v in trainer.learner.state_dict().items()}
+    trainer.validate = lambda learner: next(scores)
+    trainer.fit(3)
+    best = checkpoint.load(tmp_path / "run" / "best.pt")
+    assert best["step"] == 0 and trainer.best_score == 0.5
+    assert_same_state(start, best["learner"])
+    # fed to the scheduler, 0.5 would have made steps 1-3 three bad epochs and cut the rate
+    assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(1e-3)
+    trainer.fit(4)  # continuing (or resuming) does not validate the start again
+    assert [r["step"] for r in trainer.history] == [0, 1, 2, 3, 4]
+
+
+def test_validating_the_start_changes_no_training_draw(tmp_path):
+    plain = make(tmp_path / "a")
+    plain.fit(4)
+    validated = make(tmp_path / "b", validate_every=2)
+    validated.validate = lambda learner: float(learner.omega.sum())
+    validated.fit(4)
+    assert [r["step"] for r in validated.history] == [0, 2, 4]
+    assert_same_state(plain.learner.state_dict(), validated.learner.state_dict())
 
 
 def test_atomic_save_keeps_the_old_checkpoint_when_writing_fails(tmp_path, monkeypatch):
@@ -191,7 +217,7 @@ def test_a_damaged_checkpoint_is_named_not_unpickled(tmp_path):
 
 def test_the_trainer_keeps_the_last_checkpoints_and_the_best(tmp_path):
     trainer = make(tmp_path, checkpoint_every=1, validate_every=1, keep_checkpoints=2)
-    scores = iter([0.5, 0.1, 0.2, 0.3, 0.1])
+    scores = iter([0.0, 0.5, 0.1, 0.2, 0.3, 0.1])   # the first is the start's (step 0)
     trainer.validate = lambda learner: next(scores)
     trainer.fit(5)
     run = tmp_path / "run"
