@@ -133,20 +133,6 @@ def test_warm_start_begins_at_global_and_round_trips_through_resume(dataset, tmp
     assert torch.equal(_omega(os.path.join(out, "checkpoint.pt")), moved)
 
 
-def test_controllers_start_as_finetune_chose_on_meta_validation(dataset, tmp_path):
-    out = str(tmp_path / "start")
-    args = [*dataset, *TINY, "--warm-start", "--controller-start", "finetune", "--meta-steps", "0", "--out", out]
-    assert cli.main(["train", *args]) == 0
-    with open(os.path.join(out, "finetune.json")) as fh:
-        choice = json.load(fh)
-    alpha = choice["lr"] * choice["steps"] / 5   # TINY: --t-max 5
-    learner = trainer_mod.checkpoint.load(os.path.join(out, "checkpoint.pt"))["learner"]
-    assert torch.all(learner["update_controller.w_gate"] == 0)
-    torch.testing.assert_close(torch.sigmoid(learner["update_controller.b_gate"][:, 0]),
-                               torch.full((8,), alpha), rtol=1e-6, atol=0)
-    assert torch.all(learner["stop_controller.head.weight"] == 0)
-
-
 def test_resume_refuses_changed_settings_and_missing_runs(dataset, tmp_path, capsys):
     out = str(tmp_path / "none")
     assert cli.main(["run", *dataset, *TINY, "--out", out, "--resume"]) == cli.EXIT_USAGE

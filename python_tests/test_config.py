@@ -61,9 +61,6 @@ def test_flags_override_file(tmp_path):
     ({"model": "deep"}, "model must be one of"),
     ({"finetune_lrs": [0.1, -1]}, "finetune_lrs"),
     ({"init": "random", "warm_start": True}, "warm_start needs a learned initialisation"),
-    ({"controller_start": "late"}, "controller_start must be one of"),
-    ({"controller_start": "finetune", "warm_start": False}, "controller_start: finetune .* needs warm_start"),
-    ({"controller_start": "finetune", "update": "sgd"}, "controller_start: finetune .* update controller"),
 ])
 def test_bad_values_raise_when_built(options, fragment):
     with pytest.raises(ConfigError, match=fragment):

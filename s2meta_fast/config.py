@@ -41,7 +41,7 @@ from .eval.methods import METHODS
 from .eval.metrics import DEFAULT_KS, check_ks
 from .meta.distributed import BACKENDS as DIST_BACKENDS
 from .meta.meta_config import INIT_MODES, STATE_INITS, STOP_MODES, UPDATE_MODES, MetaConfig
-from .meta.trainer import CONTROLLER_STARTS, OPTIMIZERS, TrainConfig
+from .meta.trainer import OPTIMIZERS, TrainConfig
 from .models import MODELS
 from .ops.limits import cuda_limit_errors
 
@@ -197,8 +197,7 @@ SECTIONS: Dict[str, type] = {"data": DataConfig, "meta": MetaConfig, "train": Tr
 CHOICES: Dict[str, Tuple[str, ...]] = {"init": INIT_MODES, "update": UPDATE_MODES, "stop": STOP_MODES,
                                        "eval_stop": STOP_MODES, "state_init": STATE_INITS, "device": DEVICES,
                                        "model": tuple(MODELS), "optimizer": OPTIMIZERS, "methods": tuple(METHODS),
-                                       "dist_backend": DIST_BACKENDS, "baseline_grid": BASELINE_GRIDS,
-                                       "controller_start": CONTROLLER_STARTS}
+                                       "dist_backend": DIST_BACKENDS, "baseline_grid": BASELINE_GRIDS}
 
 # Named sets of option values, applied above the defaults and below a config file and flags.
 # "demo": a default run that finishes in minutes on a 2-core CPU (what `s2meta` starts from):
@@ -280,9 +279,6 @@ class Config:
         _need(not (self.train.warm_start and self.meta.init == "random"), "Config",
               "warm_start needs a learned initialisation (init: learned); init: random has no ω_R to start "
               "from Global's θ: turn it off (--no-warm-start)")
-        _need(self.train.controller_start != "finetune" or (self.train.warm_start and self.meta.update == "lstm"),
-              "Config", "controller_start: finetune starts the update controller where Finetune ends, from "
-              "Global's θ: it needs warm_start (--warm-start) and the update controller (update: lstm)")
         # The fused kernels' CUDA limits fail here, before data loading and graph capture.
         if self.run.device == "cuda" and self.meta.fused:
             errors = cuda_limit_errors(hidden_size=self.meta.hidden_size if self.meta.update == "lstm" else None,

@@ -442,34 +442,3 @@ def test_inner_batch_draws_support_pairs_with_replacement():
     assert got.steps.tolist() == [5, 5, 5] and torch.isfinite(got.theta).all()
     with pytest.raises(ValueError, match="noise.neg must be"):
         learner.adapt(batch, stop="fixed", noise=InnerNoise(noise.neg, noise.stop))   # 24 draws, 16 pairs
-
-
-def test_start_as_sgd_adapts_like_plain_sgd_at_the_spread_rate():
-    # clip 100: no gradient here reaches it, so the controller's step is SGD's up to β = σ(10)
-    learner, items = make_learner(stop="fixed", steps=4, clip=100.0)
-    batch = planted_batch(items, 40, 3)
-    noise = learner.draw_noise(batch, torch.Generator().manual_seed(0))
-    paper = learner.adapt(batch, noise=noise).theta.detach()
-    alpha = learner.start_as_sgd(lr=0.1, steps=2)
-    assert alpha == pytest.approx(0.1 * 2 / 4)
-    sgd, _ = make_learner(update="sgd", inner_lr=alpha, stop="fixed", steps=4)
-    with torch.no_grad():
-        sgd.omega.copy_(learner.omega)
-    started = learner.adapt(batch, noise=noise).theta.detach()
-    torch.testing.assert_close(started, sgd.adapt(batch, noise=noise).theta.detach(), rtol=1e-3, atol=1e-6)
-    assert not torch.allclose(started, paper, rtol=1e-3, atol=1e-6)
-
-
-def test_start_as_sgd_sets_the_stop_rate_and_keeps_alpha_in_range():
-    learner, _ = make_learner()
-    assert learner.start_as_sgd(lr=1.0, steps=100) == learner_module.SGD_START_ALPHA_RANGE[1]
-    assert learner.start_as_sgd(lr=1e-6, steps=1) == learner_module.SGD_START_ALPHA_RANGE[0]
-    logit, _ = learner.stop_controller(torch.rand(5, learner.model.n_tensors, dtype=torch.float64) * 10,
-                                       torch.rand(5, dtype=torch.float64), learner.stop_controller.initial_state(5))
-    torch.testing.assert_close(torch.sigmoid(logit), torch.full((5,), learner_module.SGD_START_STOP_RATE,
-                                                                dtype=torch.float64))
-    with pytest.raises(ValueError, match="lr > 0 and steps >= 1"):
-        learner.start_as_sgd(lr=0.1, steps=0)
-    fixed_lr, _ = make_learner(update="sgd")
-    with pytest.raises(ValueError, match="needs the update controller"):
-        fixed_lr.start_as_sgd(lr=0.1, steps=5)

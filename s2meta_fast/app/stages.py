@@ -101,8 +101,6 @@ def train_meta(cfg: Config, prepared: PreparedData, group: Group = SINGLE) -> Me
     learner = build_learner(cfg, prepared)
     if cfg.train.warm_start:
         warm_start_omega(cfg, prepared, learner, group)
-    if cfg.train.controller_start == "finetune":
-        start_controllers_as_finetune(cfg, prepared, learner, group)
     valid = eval_tasks(prepared, "valid", cfg.run.seed)
     trainer = MetaTrainer(learner, TaskSampler(prepared, cfg.run.seed), prepared.train, cfg.train, cfg.run.out,
                           validate=validation_fn(cfg, valid, group) if valid else None,
@@ -129,21 +127,6 @@ def warm_start_omega(cfg: Config, prepared: PreparedData, learner: MetaLearner, 
     theta = distributed.writer_first(lambda: global_theta(cfg, prepared, learner.model, device), group)
     with torch.no_grad():
         learner.omega.copy_(theta.to(device=device, dtype=learner.omega.dtype))
-
-
-def start_controllers_as_finetune(cfg: Config, prepared: PreparedData, learner: MetaLearner,
-                                  group: Group = SINGLE) -> None:
-    """The controllers start as SGD at Finetune's meta-validation choice (OUT/finetune.json,
-    made here if missing); see :meth:`MetaLearner.start_as_sgd`. On ``--resume`` the checkpoint
-    replaces this start."""
-    device = learner.user_emb.device
-
-    def choose() -> Dict[str, Any]:
-        return finetune_choice(cfg, prepared, learner.model, global_theta(cfg, prepared, learner.model, device))
-    choice = distributed.writer_first(choose, group)
-    alpha = learner.start_as_sgd(choice["lr"], choice["steps"])
-    log.info("controllers start as Finetune's lr %g x %d steps: alpha %.4g over %d updates", choice["lr"],
-             choice["steps"], alpha, cfg.meta.loop_length())
 
 
 def adaptation_stage(cfg: Config, prepared: PreparedData, learner: MetaLearner) -> Dict[str, Any]:
@@ -400,5 +383,4 @@ def check_ranks_agree(cfg: Config, prepared: Optional[PreparedData], group: Grou
 
 __all__ = ["adaptation_stage", "build_learner", "check_device", "check_ranks_agree", "cross_domain_choice", "cross_domain_grid",
            "data_fingerprint", "eval_tasks", "evaluate_methods", "finetune_choice", "global_theta", "load_learner",
-           "make_method", "prepare_data", "start_controllers_as_finetune", "train_meta", "validation_fn",
-           "warm_start_omega"]
+           "make_method", "prepare_data", "train_meta", "validation_fn", "warm_start_omega"]

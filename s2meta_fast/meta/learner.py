@@ -134,12 +134,6 @@ class MetaLossTerms:
                              self.steps.detach(), {k: v.detach() for k, v in self.extras.items()})
 
 
-# start_as_sgd: α is kept where its sigmoid still has a gradient; the per-step stop rate lets
-# about 3 in 4 loops of T_max = 20, t_min = 4 run to the end while the stop head still learns.
-SGD_START_ALPHA_RANGE = (1e-4, 0.5)
-SGD_START_STOP_RATE = 0.015
-
-
 class MetaLearner(nn.Module):
     """s²Meta's meta learner over a recommender with a flat θ (paper §4.2, docs/spec.md §3-5).
 
@@ -203,27 +197,6 @@ class MetaLearner(nn.Module):
 
     def stop_parameters(self) -> List[nn.Parameter]:
         return list(self.stop_controller.parameters())
-
-    def start_as_sgd(self, lr: float, steps: int) -> float:
-        """Controllers that start as `steps` plain SGD steps at `lr`, spread over the loop.
-
-        The update controller starts at α = lr · steps / T (T = the loop length, T_max), β ≈ 1:
-        the same total step as the SGD run, in T updates. The stop controller starts at a stop
-        probability of :data:`SGD_START_STOP_RATE` per step, so most loops run to T. Used with
-        Finetune's (lr, steps) and ω_R = Global's θ, the learner starts where the fine-tuning
-        baseline ends, and meta-training moves it from there (``controller_start: finetune``).
-
-        Returns the α it set.
-        """
-        if self.update_controller is None:
-            raise ValueError("start_as_sgd needs the update controller (update: lstm)")
-        if not lr > 0 or int(steps) < 1:
-            raise ValueError(f"start_as_sgd needs lr > 0 and steps >= 1, got lr={lr}, steps={steps}")
-        alpha = min(max(lr * int(steps) / self.config.loop_length(), SGD_START_ALPHA_RANGE[0]),
-                    SGD_START_ALPHA_RANGE[1])
-        self.update_controller.start_as_sgd(alpha)
-        self.stop_controller.start_with_stop_rate(SGD_START_STOP_RATE)
-        return alpha
 
     # -- the inner loop --------------------------------------------------------------------------
     def draw_noise(self, batch, generator: Optional[torch.Generator] = None,

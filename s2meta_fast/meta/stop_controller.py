@@ -1,7 +1,6 @@
 """Stop controller (docs/spec.md §4, paper Eq. 9): an LSTM over the step's loss and gradient norms."""
 from __future__ import annotations
 
-import math
 from typing import Tuple
 
 import torch
@@ -42,15 +41,6 @@ class StopController(nn.Module):
         self.c0 = nn.Parameter(torch.randn(self.hidden_size))
         with torch.no_grad():
             self.head.bias.zero_()
-
-    def start_with_stop_rate(self, p_stop: float) -> None:
-        """Start stopping with probability `p_stop` at every step whatever the LSTM state (the
-        head's weight zeroed, its bias the logit of `p_stop`); training moves it from there."""
-        if not 0.0 < p_stop < 1.0:
-            raise ValueError(f"p_stop must lie in (0, 1), got {p_stop}")
-        with torch.no_grad():
-            self.head.weight.zero_()
-            self.head.bias.fill_(math.log(p_stop / (1.0 - p_stop)))
 
     def initial_state(self, n_scenarios: int) -> State:
         return (self.h0.unsqueeze(0).expand(n_scenarios, -1), self.c0.unsqueeze(0).expand(n_scenarios, -1))

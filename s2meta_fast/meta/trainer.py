@@ -24,7 +24,6 @@ from .learner import MetaLearner
 log = logging.getLogger(__name__)
 
 OPTIMIZERS = ("adam", "sgd")
-CONTROLLER_STARTS = ("paper", "finetune")
 LAST = "checkpoint.pt"
 BEST = "best.pt"
 # The layout of a checkpoint's state; bump when a key or its meaning changes. Format 1 held one
@@ -125,12 +124,6 @@ class TrainConfig:
             init. A departure from the paper (docs/method.md); the application layer trains
             Global and applies it, since only it has the data. On in the demo preset, where it
             won on meta-validation (docs/results.md).
-        controller_start: where the update and stop controllers start: "paper" (the authors'
-            initialisation: α ≈ 0.5, β ≈ 0.993, stop probability ≈ 0.5) or "finetune" (plain SGD
-            at the Finetune baseline's (lr, steps), chosen on meta-validation, spread over the
-            loop: :meth:`MetaLearner.start_as_sgd`). "finetune" needs ``warm_start``: with ω_R =
-            Global's θ the learner then starts where Finetune ends. A departure from the paper,
-            applied by the application layer (it chooses Finetune's settings).
     """
 
     model: str = "interaction"
@@ -156,7 +149,6 @@ class TrainConfig:
     cuda_graphs: bool = True
     quiet: bool = False
     warm_start: bool = False
-    controller_start: str = "paper"
 
     def __post_init__(self) -> None:
         def need(ok: bool, message: str) -> None:
@@ -165,8 +157,6 @@ class TrainConfig:
 
         need(self.model in MODELS, f"model must be one of {tuple(MODELS)}, got {self.model!r}")
         need(self.optimizer in OPTIMIZERS, f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
-        need(self.controller_start in CONTROLLER_STARTS,
-             f"controller_start must be one of {CONTROLLER_STARTS}, got {self.controller_start!r}")
         for name in ("lr_init", "lr_update", "lr_stop", "sgd_lr", "grad_clip"):
             need(getattr(self, name) > 0, f"{name} must be positive, got {getattr(self, name)}")
         for name in ("weight_decay", "sgd_weight_decay"):
@@ -389,7 +379,7 @@ class MetaTrainer:
         if resume:
             self._resume()
         if self.step == 0 and self.validate is not None and cfg.validate_every and not self.history:
-            # The learner as it starts (a warm start, a Finetune-like controller) is a candidate
+            # The learner as it starts (ω_R warm-started from Global, say) is a candidate
             # for best.pt too; the score does not drive the plateau scheduler.
             self._record({"step": 0, "valid_score": self._validate(schedule=False)})
         running: Dict[str, float] = {"loss": 0.0, "query": 0.0, "reinforce": 0.0, "steps": 0.0, "n": 0}

@@ -124,20 +124,6 @@ class _UpdateControllerBase(nn.Module):
                 self.h0.zero_()
                 self.c0.zero_()
 
-    def start_as_sgd(self, lr: float, beta_logit: float = 10.0) -> None:
-        """Start from plain SGD: α = `lr` on every coordinate, β ≈ 1 (σ(10) = 1 − 5e-5).
-
-        The gate head's weights are zeroed, so α and β are their biases alone whatever the LSTM
-        state; the head learns away from SGD from the first meta-step (its weights get gradient
-        through h, and the LSTM's through them once they are non-zero).
-        """
-        if not 0.0 < lr < 1.0:
-            raise ValueError(f"lr must lie in (0, 1) (α is a sigmoid gate), got {lr}")
-        with torch.no_grad():
-            self.w_gate.zero_()
-            self.b_gate[:, 0] = math.log(lr / (1.0 - lr))
-            self.b_gate[:, 1] = float(beta_logit)
-
     @property
     def n_params(self) -> int:
         """N, the number of scalars in θ."""
