@@ -1,0 +1,96 @@
+"""What the stop controller is trained on, against what it is judged by (stop-reward study).
+
+The stop controller learns by REINFORCE from the meta-train *query hinge loss*: continuing is
+rewarded when the loss after the last update is below the loss where the step started. The run is
+judged by Recall@20. This re-evaluates a finished run folder's learner (``best.pt``), trains
+nothing, never touches the meta-test scenarios and never changes the folder, and prints, after t
+forced updates of its learned update controller (no stop):
+
+* ``query hinge``   the mean query hinge loss of meta-train tasks (drawn with a fixed seed, so
+                    every t sees the same tasks and negatives): the quantity REINFORCE compares;
+* ``valid R@20``    meta-validation Recall@20 under the protocol of the run's validation;
+
+and the mean stop probability p⁽ᵗ⁾ of the loop as trained. Where the hinge loss bottoms out
+early while Recall@20 keeps rising, a stop controller that learned its reward well stops too
+early for the metric (docs/results.md §3, planted05).
+
+Usage (one intra-op thread; a few seconds per run folder on the planted benchmarks):
+
+    OMP_NUM_THREADS=1 python benchmarks/studies/stop_reward.py runs/planted05-9 [runs/planted05-6 ...]
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+from typing import Any, Dict, Sequence
+
+import torch
+
+from s2meta_fast.app import eval_tasks, load_learner, prepare_data
+from s2meta_fast.config import build_config, load_yaml
+from s2meta_fast.data import TaskSampler
+from s2meta_fast.eval.baselines import S2Meta
+from s2meta_fast.eval.protocol import evaluate
+
+STEPS = (0, 2, 4, 5, 6, 8, 10, 15, 20)
+
+
+def study(out_dir: str, batches: int = 8, meta_batch: int = 8, draw_seed: int = 123) -> Dict[str, Any]:
+    if not os.path.exists(os.path.join(out_dir, "config.yaml")):
+        raise SystemExit(f"stop_reward: {out_dir} holds no run (no config.yaml)")
+    cfg = build_config(load_yaml(os.path.join(out_dir, "config.yaml")), {"out": out_dir, "quiet": True, "device": "cpu"})
+    prepared = prepare_data(cfg)
+    learner = load_learner(cfg, prepared).cpu().eval()
+    t_max = cfg.meta.t_max
+    steps = [t for t in STEPS if t <= t_max]
+    as_trained = learner.config
+
+    def tasks():
+        sampler, gen = TaskSampler(prepared, draw_seed), torch.Generator().manual_seed(draw_seed)
+        for _ in range(batches):
+            yield sampler.train_batch(prepared.train, meta_batch), gen
+
+    query, stop_prob = [], []
+    with torch.no_grad():
+        learner.config = dataclasses.replace(as_trained, steps=t_max)
+        for batch, gen in tasks():
+            query.append(learner.adapt(batch, stop="fixed", generator=gen, record=True).trajectory.query_loss.mean(1))
+        learner.config = as_trained
+        for batch, gen in tasks():
+            stop_prob.append(learner.adapt(batch, stop="sample", generator=gen, record=True).trajectory.stop_prob
+                             .nanmean(1))
+    query_t = torch.stack(query).mean(0)
+    prob_t = torch.stack(stop_prob).nanmean(0)
+
+    valid = eval_tasks(prepared, "valid", cfg.run.seed)
+    recall: Dict[int, float] = {}
+    for t in steps[1:]:   # "fixed" runs at least one update; t = 0 (ω_R) has no recall row
+        learner.config = dataclasses.replace(as_trained, steps=t)
+        res = evaluate(S2Meta(learner, stop="fixed", cuda_graphs=False), valid, (20,), seed=cfg.run.seed,
+                       block_size=cfg.eval.block_size, max_pairs=cfg.eval.max_pairs, progress=False)
+        recall[t] = 100 * res["metrics"]["recall@20"]
+    learner.config = as_trained
+    return {"run": out_dir, "steps": steps, "query_hinge": [float(query_t[t]) for t in steps],
+            "valid_recall@20": [recall.get(t) for t in steps],
+            "stop_prob": [float(p) for p in prob_t[:t_max]]}
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("runs", nargs="+", help="run folders of `s2meta run`")
+    parser.add_argument("--batches", type=int, default=8, help="meta-train batches of 8 tasks (default 8)")
+    args = parser.parse_args(argv)
+    for run in args.runs:
+        r = study(run, batches=args.batches)
+        print(f"\n== {run}")
+        print(f"{'forced updates t':<18}" + "".join(f"{t:>8}" for t in r["steps"]))
+        print(f"{'query hinge':<18}" + "".join(f"{v:>8.4f}" for v in r["query_hinge"]))
+        print(f"{'valid R@20':<18}" + "".join(f"{v:>8.2f}" if v is not None else f"{'-':>8}"
+                                           for v in r["valid_recall@20"]))
+        print("stop p(t) as trained, t = 0 ...: " + " ".join(f"{p:.2f}" for p in r["stop_prob"][:10]))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
