@@ -16,8 +16,8 @@ SMALL = dict(min_items=10, max_items=500, mf_epochs=3, progress=False)
 
 
 def test_registry_names():
-    assert available_datasets() == ["amazon", "ml100k", "ml20m", "planted0", "planted05", "planted1", "planted1x4",
-                                    "planted2", "planted2x4", "taobao"]
+    assert available_datasets() == ["amazon", "ml100k", "ml20m", "planted0", "planted05", "planted05x4", "planted1",
+                                    "planted1x4", "planted2", "planted2x4", "taobao"]
     with pytest.raises(UnknownDatasetError) as exc:
         prepare("movielens")
     for name in DATASETS:

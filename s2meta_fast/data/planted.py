@@ -10,7 +10,7 @@ headroom diagnostic then measures. Choices are Gumbel-top-k draws (a Plackett-Lu
 temperature ``temp``.
 
 Registered as ``planted0``, ``planted05``, ``planted1`` and ``planted2`` (strength 0, 0.5, 1, 2;
-48 scenarios), and ``planted1x4``, ``planted2x4``: strength 1 and 2 with 192 scenarios, four
+48 scenarios), and ``planted05x4``, ``planted1x4``, ``planted2x4``: strength 0.5, 1 and 2 with 192 scenarios, four
 times the meta-train, meta-valid and meta-test scenarios, to measure what the number of scenarios
 does to the methods.
 """
@@ -22,7 +22,8 @@ from .scenarios import RawData
 
 # name -> load_planted options
 BENCHMARKS = {"planted0": {"strength": 0.0}, "planted05": {"strength": 0.5}, "planted1": {"strength": 1.0},
-              "planted2": {"strength": 2.0}, "planted1x4": {"strength": 1.0, "n_scenarios": 192},
+              "planted2": {"strength": 2.0}, "planted05x4": {"strength": 0.5, "n_scenarios": 192},
+              "planted1x4": {"strength": 1.0, "n_scenarios": 192},
               "planted2x4": {"strength": 2.0, "n_scenarios": 192}}
 
 
