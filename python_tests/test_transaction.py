@@ -86,6 +86,21 @@ def test_resume_starts_from_the_committed_run_without_touching_it(previous_run):
         assert os.listdir(folder.staging) == []
 
 
+def test_resume_drops_what_a_killed_writer_left_half_written(previous_run):
+    with pytest.raises(KeyboardInterrupt):
+        with RunTransaction(previous_run) as folder:
+            _write(os.path.join(folder.staging, "config.yaml"), "new config")
+            # what atomic_write leaves when its process is killed between mkstemp and the rename
+            _write(os.path.join(folder.staging, ".tmp-checkpoint.pt.k9x2.tmp"), "half a checkpoint")
+            _write(os.path.join(folder.staging, "methods", ".tmp-s2meta.json.k9x2.tmp"), "half a result")
+            raise KeyboardInterrupt
+    with RunTransaction(previous_run, resume=True) as folder:
+        assert sorted(_tree(folder.staging)) == ["config.yaml"]
+        folder.commit()
+    assert not [name for name in _tree(previous_run) if ".tmp-" in name]
+    assert _tree(previous_run)["config.yaml"] == "new config"
+
+
 def test_a_folder_that_the_run_created_and_left_empty_is_removed(tmp_path):
     out = tmp_path / "new"
     with pytest.raises(RuntimeError):

@@ -12,6 +12,9 @@ import tempfile
 from typing import Callable, Iterable, Optional, Union
 
 Chunks = Union[bytes, bytearray, memoryview, Iterable[Union[bytes, bytearray, memoryview]]]
+# Every temp file of an atomic write starts with this; one that outlives its write was left by a
+# writer killed mid-write (the run folder's transaction drops them when it continues a run).
+TEMP_PREFIX = ".tmp-"
 
 
 def _umask() -> int:
@@ -30,7 +33,7 @@ def atomic_write(path: Union[str, os.PathLike], write: Callable[[str], None],
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".tmp-{os.path.basename(path)}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f"{TEMP_PREFIX}{os.path.basename(path)}.", suffix=".tmp")
     os.close(fd)
     try:
         write(tmp)

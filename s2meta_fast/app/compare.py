@@ -31,7 +31,7 @@ from ..config import Config, build_config
 from ..errors import ConfigError
 from ..eval.methods import DISPLAY, METHODS
 from ..eval.metrics import metric_keys
-from ..fileio import atomic_write_text
+from ..fileio import atomic_write, atomic_write_text
 from ..models import MODELS
 from . import run_folder
 
@@ -349,11 +349,10 @@ def draw_chart(doc: Mapping[str, Any], path: str) -> None:
     ax.set_ylabel("Recall@20 (%)")
     ax.set_title(f"{doc['dataset']}: Recall@20, mean ± std over seeds {doc['seeds']}")
     fig.tight_layout()
-    folder = os.path.dirname(os.path.abspath(path))
-    tmp = os.path.join(folder, ".tmp-" + os.path.basename(path))
-    fig.savefig(tmp, dpi=120, format="png")
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
+    finally:
+        plt.close(fig)
 
 
 __all__ = ["ABLATIONS", "Study", "build_compare", "check_study_folder", "compare", "compare_markdown", "draw_chart",

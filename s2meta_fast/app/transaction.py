@@ -32,6 +32,7 @@ import tempfile
 from typing import List, Optional
 
 from ..errors import RunFolderError
+from ..fileio import TEMP_PREFIX
 
 log = logging.getLogger("s2meta_fast")
 
@@ -263,6 +264,7 @@ class RunTransaction:
         if self.resume and staged:
             log.info("--resume: continuing the interrupted run in %s", self.staging)
             self.continued = True
+            self._drop_partial_writes()
             return
         if staged and self.carry and not os.path.exists(os.path.join(self.staging, CARRIED)):
             # Building on the committed run would discard an interrupted training: let the user choose.
@@ -280,6 +282,15 @@ class RunTransaction:
             if not self.resume:
                 open(os.path.join(self.staging, CARRIED), "w").close()
 
+    def _drop_partial_writes(self) -> None:
+        # An atomic write's temp file (fileio.TEMP_PREFIX) outlives its writer only when that
+        # writer was killed mid-write. We hold the lock, so no writer is alive: without this the
+        # commit would carry the half-written file into OUT.
+        for root, _, names in os.walk(self.staging):
+            for name in names:
+                if name.startswith(TEMP_PREFIX):
+                    os.unlink(os.path.join(root, name))
+
     def previous_files(self) -> List[str]:
         """The previous run's entries in OUT (what a commit replaces)."""
         if not os.path.isdir(self.out):
@@ -295,7 +306,7 @@ class RunTransaction:
         """The staged run replaces the previous run's files in OUT."""
         names = sorted(n for n in os.listdir(self.staging) if n not in (COMMIT_MARKER, CARRIED))
         marker = os.path.join(self.staging, COMMIT_MARKER)
-        fd, tmp = tempfile.mkstemp(dir=self.staging, prefix=".tmp-")
+        fd, tmp = tempfile.mkstemp(dir=self.staging, prefix=TEMP_PREFIX)
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             json.dump(names, fh)
             fh.flush()
