@@ -40,7 +40,8 @@ STEPS = (0, 2, 4, 5, 6, 8, 10, 15, 20)
 def study(out_dir: str, batches: int = 8, meta_batch: int = 8, draw_seed: int = 123) -> Dict[str, Any]:
     if not os.path.exists(os.path.join(out_dir, "config.yaml")):
         raise SystemExit(f"stop_reward: {out_dir} holds no run (no config.yaml)")
-    cfg = build_config(load_yaml(os.path.join(out_dir, "config.yaml")), {"out": out_dir, "quiet": True, "device": "cpu"})
+    cfg = build_config(load_yaml(os.path.join(out_dir, "config.yaml")), {"out": out_dir, "quiet": True, "device": "cpu"},
+                       where=out_dir)
     prepared = prepare_data(cfg)
     learner = load_learner(cfg, prepared).cpu().eval()
     t_max = cfg.meta.t_max
