@@ -133,6 +133,22 @@ def test_warm_start_begins_at_global_and_round_trips_through_resume(dataset, tmp
     assert torch.equal(_omega(os.path.join(out, "checkpoint.pt")), moved)
 
 
+def test_source_only_warm_start_begins_at_its_own_global(dataset, tmp_path, capsys):
+    out = str(tmp_path / "source")
+    assert cli.main(["train", *dataset, *TINY, "--warm-start", "--warm-start-data", "source", "--meta-steps", "0",
+                     "--out", out]) == 0
+    source_theta = trainer_mod.checkpoint.load(os.path.join(out, "global_source.pt"))["theta"]
+    assert torch.equal(_omega(os.path.join(out, "checkpoint.pt")), source_theta.to(torch.float32))
+    assert not os.path.exists(os.path.join(out, "global.pt"))   # the baseline's θ is not needed to start
+
+    run = str(tmp_path / "run")
+    assert cli.main(["run", *dataset, *TINY, "--warm-start", "--warm-start-data", "source", "--out", run]) == 0
+    baseline = trainer_mod.checkpoint.load(os.path.join(run, "global.pt"))["theta"]
+    assert not torch.equal(baseline, source_theta)   # Global itself still trains on the scenario pairs too
+    assert cli.main(["train", *dataset, *TINY, "--warm-start", "--out", run, "--resume"]) == cli.EXIT_USAGE
+    assert "warm_start_data ('source' -> 'all')" in capsys.readouterr().err
+
+
 def test_resume_refuses_changed_settings_and_missing_runs(dataset, tmp_path, capsys):
     out = str(tmp_path / "none")
     assert cli.main(["run", *dataset, *TINY, "--out", out, "--resume"]) == cli.EXIT_USAGE

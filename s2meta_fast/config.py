@@ -41,7 +41,7 @@ from .eval.methods import METHODS
 from .eval.metrics import DEFAULT_KS, check_ks
 from .meta.distributed import BACKENDS as DIST_BACKENDS
 from .meta.meta_config import INIT_MODES, STATE_INITS, STOP_MODES, UPDATE_MODES, MetaConfig
-from .meta.trainer import OPTIMIZERS, TrainConfig
+from .meta.trainer import OPTIMIZERS, WARM_START_DATA, TrainConfig
 from .models import MODELS
 from .ops.limits import cuda_limit_errors
 
@@ -197,7 +197,8 @@ SECTIONS: Dict[str, type] = {"data": DataConfig, "meta": MetaConfig, "train": Tr
 CHOICES: Dict[str, Tuple[str, ...]] = {"init": INIT_MODES, "update": UPDATE_MODES, "stop": STOP_MODES,
                                        "eval_stop": STOP_MODES, "state_init": STATE_INITS, "device": DEVICES,
                                        "model": tuple(MODELS), "optimizer": OPTIMIZERS, "methods": tuple(METHODS),
-                                       "dist_backend": DIST_BACKENDS, "baseline_grid": BASELINE_GRIDS}
+                                       "dist_backend": DIST_BACKENDS, "baseline_grid": BASELINE_GRIDS,
+                                       "warm_start_data": WARM_START_DATA}
 
 # Named sets of option values, applied above the defaults and below a config file and flags.
 # "demo": a default run that finishes in minutes on a 2-core CPU (what `s2meta` starts from):

@@ -115,6 +115,28 @@ def test_global_learns_a_planted_preference_and_finetune_runs():
     assert evaluate(zero, tasks, ks=(3,), progress=False)["metrics"]["recall@3"] == pytest.approx(learned)
 
 
+def test_global_on_the_source_domain_alone_never_reads_a_scenario_pair():
+    prepared, _ = _planted()
+    rng = np.random.default_rng(1)
+    prepared.source_users = rng.integers(0, 40, 500)
+    prepared.source_items = rng.integers(0, 30, 500)
+    model = build_model("interaction", 8)
+    source_only = GlobalTrainConfig(steps=20, batch_size=32, use_scenarios=False)
+
+    def train(prep, cfg):
+        return train_global(model, prep.user_emb, prep.item_emb, prep, cfg, seed=0, progress=False)
+
+    theta = train(prepared, source_only)
+    other = _Prepared([_Scenario(s.name, s.users[::-1].copy(), s.items) for s in prepared.train],
+                      prepared.user_emb, prepared.item_emb)
+    other.source_users, other.source_items = prepared.source_users, prepared.source_items
+    assert torch.equal(train(other, source_only), theta)   # the scenario pairs changed, θ did not
+    assert not torch.equal(train(other, GlobalTrainConfig(steps=20, batch_size=32)),
+                           train(prepared, GlobalTrainConfig(steps=20, batch_size=32)))
+    with pytest.raises(ValueError, match="no source-domain interaction"):
+        train(_planted()[0], source_only)   # no source domain at all
+
+
 def test_markdown_table_layout():
     methods = {m: {"recall@10": v, "recall@20": v + 0.1, "ndcg@10": v / 2, "ndcg@20": v / 2, "hit@10": v,
                    "hit@20": v} for m, v in {"s2meta": 0.5, "itempop": 0.4, "global": 0.2, "finetune": 0.3}.items()}

@@ -113,18 +113,23 @@ def train_meta(cfg: Config, prepared: PreparedData, group: Group = SINGLE) -> Me
 
 
 def warm_start_omega(cfg: Config, prepared: PreparedData, learner: MetaLearner, group: Group = SINGLE) -> None:
-    """ω_R := the Global baseline's θ (OUT/global.pt, trained here if missing) before meta-training.
+    """ω_R := the Global baseline's θ (OUT/global.pt, trained here if missing) before meta-training,
+    or under ``warm_start_data: source`` the same training on the source domain alone.
 
     A departure from the paper, whose ω_R starts at a random init and learns only from
     meta-train scenario tasks: Global also trains on every source-domain interaction, so the
-    learned init otherwise starts from less data than the baseline it must beat. On ``--resume``
-    the checkpoint's ω_R replaces this start, as every other trained parameter.
+    learned init otherwise starts from less data than the baseline it must beat. Global has also
+    trained on every meta-train scenario pair, the meta-train tasks' queries among them, so from
+    its θ those tasks gain less from adapting than a new scenario does, and the stop controller
+    learns to stop early; the source-only start has not seen them. On ``--resume`` the
+    checkpoint's ω_R replaces this start, as every other trained parameter.
     """
     if learner.omega is None:
         raise ConfigError("warm_start needs a learned initialisation (init: learned); init: random has no ω_R")
     device = learner.omega.device
     # rank 0 trains and caches Global; the other ranks then read OUT/global.pt
-    theta = distributed.writer_first(lambda: global_theta(cfg, prepared, learner.model, device), group)
+    source_only = cfg.train.warm_start_data == "source"
+    theta = distributed.writer_first(lambda: global_theta(cfg, prepared, learner.model, device, source_only), group)
     with torch.no_grad():
         learner.omega.copy_(theta.to(device=device, dtype=learner.omega.dtype))
 
@@ -178,10 +183,17 @@ def _global_key(cfg: Config) -> Dict[str, Any]:
             "batch": e.global_batch, "lr": e.global_lr, "source": e.global_source}
 
 
-def global_theta(cfg: Config, prepared: PreparedData, model: FlatRecommender, device: torch.device) -> torch.Tensor:
-    """The Global baseline's θ, trained once per run folder and settings (OUT/global.pt)."""
-    path = os.path.join(cfg.run.out, run_folder.GLOBAL_FILE)
-    key = _global_key(cfg)
+def global_theta(cfg: Config, prepared: PreparedData, model: FlatRecommender, device: torch.device,
+                 source_only: bool = False) -> torch.Tensor:
+    """The Global baseline's θ, trained once per run folder and settings (OUT/global.pt); with
+    `source_only`, the same training on the source-domain interactions alone
+    (OUT/global_source.pt: the warm start of ``warm_start_data: source``)."""
+    name = run_folder.GLOBAL_SOURCE_FILE if source_only else run_folder.GLOBAL_FILE
+    path = os.path.join(cfg.run.out, name)
+    key = dict(_global_key(cfg), scenarios=False) if source_only else _global_key(cfg)
+    if source_only and len(prepared.source_users) == 0:
+        raise DataError(f"{prepared.name}: warm_start_data: source needs source-domain interactions and this "
+                        f"dataset has none; use warm_start_data: all")
     if os.path.exists(path):
         try:
             stored = checkpoints.load(path, map_location=device)
@@ -191,11 +203,13 @@ def global_theta(cfg: Config, prepared: PreparedData, model: FlatRecommender, de
         if stored.get("key") == key and "theta" in stored:
             return stored["theta"]
     e = cfg.eval
-    gcfg = GlobalTrainConfig(steps=e.global_steps, batch_size=e.global_batch, lr=e.global_lr, use_source=e.global_source)
+    gcfg = GlobalTrainConfig(steps=e.global_steps, batch_size=e.global_batch, lr=e.global_lr,
+                             use_source=e.global_source or source_only, use_scenarios=not source_only)
     start = time.perf_counter()
     theta = train_global(model, prepared.user_emb.to(device), prepared.item_emb.to(device), prepared, gcfg,
                          seed=cfg.run.seed, progress=not cfg.run.quiet)
-    log.info("global: trained %d steps in %.1f s", gcfg.steps, time.perf_counter() - start)
+    log.info("%s: trained %d steps in %.1f s", "global (source domain only)" if source_only else "global", gcfg.steps,
+             time.perf_counter() - start)
     checkpoints.save_atomic({"theta": theta.cpu(), "key": key}, path)
     return theta
 

@@ -101,6 +101,7 @@ class GlobalTrainConfig:
     lr: float = 1e-3
     weight_decay: float = 0.0
     use_source: bool = True
+    use_scenarios: bool = True
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size"):
@@ -151,19 +152,23 @@ class _PairPool:
 
 def train_global(model: Any, user_emb: Tensor, item_emb: Tensor, prepared: Any, cfg: GlobalTrainConfig,
                  seed: int = 0, progress: bool = True) -> Tensor:
-    """Trains one θ ``[N]`` of ``model`` on all meta-train scenario pairs (+ source domain).
+    """Trains one θ ``[N]`` of ``model`` on all meta-train scenario pairs (+ source domain; either
+    one alone with ``cfg.use_source`` / ``cfg.use_scenarios`` off).
 
     Each batch draws positives uniformly over the union of pairs; a scenario pair's negative comes
     from its scenario's items (what the test ranks among), a source pair's from the source items.
     """
     device = user_emb.device
-    groups = [(np.asarray(s.users, dtype=np.int64), np.asarray(s.items, dtype=np.int64)) for s in prepared.train]
+    groups = [(np.asarray(s.users, dtype=np.int64), np.asarray(s.items, dtype=np.int64))
+              for s in (prepared.train if cfg.use_scenarios else [])]
     source = _source_pairs(prepared) if cfg.use_source else None
     if source is not None:
         groups.append(source)
     groups = [g for g in groups if len(g[0]) > 1]
     if not groups:
-        raise ValueError("the Global baseline has no training interactions (no meta-train scenario)")
+        what = " or ".join(name for name, used in (("meta-train scenario", cfg.use_scenarios),
+                                                    ("source-domain interaction", cfg.use_source)) if used)
+        raise ValueError(f"the Global baseline has no training interactions (no {what or 'data enabled'})")
     pairs = _PairPool(groups, device)
     generator = torch.Generator(device=device)
     generator.manual_seed(int(seed))

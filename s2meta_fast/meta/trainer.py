@@ -24,6 +24,7 @@ from .learner import MetaLearner
 log = logging.getLogger(__name__)
 
 OPTIMIZERS = ("adam", "sgd")
+WARM_START_DATA = ("all", "source")
 LAST = "checkpoint.pt"
 BEST = "best.pt"
 # The layout of a checkpoint's state; bump when a key or its meaning changes. Format 1 held one
@@ -124,6 +125,10 @@ class TrainConfig:
             init. A departure from the paper (docs/method.md); the application layer trains
             Global and applies it, since only it has the data. On in the demo preset, where it
             won on meta-validation (docs/results.md).
+        warm_start_data: what the warm start's θ is trained on: "all" (the Global baseline's θ
+            itself) or "source" (the same recommender and Global settings on the source-domain
+            interactions alone, so that ω_R starts without having seen the meta-train scenarios'
+            pairs, from which the meta-train tasks' queries are drawn).
     """
 
     model: str = "interaction"
@@ -149,6 +154,7 @@ class TrainConfig:
     cuda_graphs: bool = True
     quiet: bool = False
     warm_start: bool = False
+    warm_start_data: str = "all"
 
     def __post_init__(self) -> None:
         def need(ok: bool, message: str) -> None:
@@ -157,6 +163,8 @@ class TrainConfig:
 
         need(self.model in MODELS, f"model must be one of {tuple(MODELS)}, got {self.model!r}")
         need(self.optimizer in OPTIMIZERS, f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        need(self.warm_start_data in WARM_START_DATA,
+             f"warm_start_data must be one of {WARM_START_DATA}, got {self.warm_start_data!r}")
         for name in ("lr_init", "lr_update", "lr_stop", "sgd_lr", "grad_clip"):
             need(getattr(self, name) > 0, f"{name} must be positive, got {getattr(self, name)}")
         for name in ("weight_decay", "sgd_weight_decay"):
