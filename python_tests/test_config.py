@@ -62,6 +62,7 @@ def test_flags_override_file(tmp_path):
     ({"finetune_lrs": [0.1, -1]}, "finetune_lrs"),
     ({"init": "random", "warm_start": True}, "warm_start needs a learned initialisation"),
     ({"warm_start_data": "scenarios"}, "warm_start_data must be one of"),
+    ({"warm_start": False, "warm_start_data": "source"}, "no effect without the warm start"),
 ])
 def test_bad_values_raise_when_built(options, fragment):
     with pytest.raises(ConfigError, match=fragment):

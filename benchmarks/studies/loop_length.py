@@ -3,8 +3,9 @@
 Finetune picks its (lr, steps) on the meta-validation scenarios; s²Meta's loop length comes from
 its stop controller, which learned it from meta-train scenarios. This re-evaluates a finished run
 folder's learner (``best.pt``) on meta-validation under each candidate rule: the stop as trained
-(``sample``: the run's own rule, ``eval_stop`` if it set one) and t fixed updates of the learned update controller (no stop), t in ``FIXED``. It
-trains nothing and never changes the folder. Reported per run folder:
+(``sample``: the run's own rule, ``eval_stop`` if it set one) and t fixed updates of the learned
+update controller (no stop), t in ``FIXED``. It trains nothing and never changes the folder.
+Reported per run folder:
 
 * ``valid``   pooled meta-validation Recall@20 of every candidate (``sample`` is the run's best
               validation score: ``best.pt`` was chosen on it);
@@ -24,14 +25,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 import sys
 from typing import Any, Dict, List, Sequence
 
 import numpy as np
 
-from s2meta_fast.app import eval_tasks, load_learner, prepare_data
-from s2meta_fast.config import build_config, load_yaml
+from run_folders import load_run
+from s2meta_fast.app import eval_tasks
 from s2meta_fast.eval.baselines import S2Meta
 from s2meta_fast.eval.protocol import evaluate
 
@@ -42,12 +42,7 @@ METRIC = "recall@20"
 
 def scores(out_dir: str, splits: Sequence[str]) -> Dict[str, Any]:
     """``{split: {candidate: {scenario: (rows, metric sum)}}}`` for the run folder's learner."""
-    if not os.path.exists(os.path.join(out_dir, "config.yaml")):
-        raise SystemExit(f"loop_length: {out_dir} holds no run (no config.yaml)")
-    cfg = build_config(load_yaml(os.path.join(out_dir, "config.yaml")), {"out": out_dir, "quiet": True, "device": "cpu"},
-                       where=out_dir)
-    prepared = prepare_data(cfg)
-    learner = load_learner(cfg, prepared).cpu().eval()
+    cfg, prepared, learner = load_run(out_dir, "loop_length")
     as_trained = learner.config
     candidates: List[Any] = [SAMPLE] + [t for t in FIXED if t <= as_trained.t_max]
     out: Dict[str, Any] = {}

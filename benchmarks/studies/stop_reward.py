@@ -3,8 +3,8 @@
 The stop controller learns by REINFORCE from the meta-train *query hinge loss*: continuing is
 rewarded when the loss after the last update is below the loss where the step started. The run is
 judged by Recall@20. This re-evaluates a finished run folder's learner (``best.pt``), trains
-nothing, never changes the folder, reads the meta-test scenarios only with ``--test``, and prints, after t
-forced updates of its learned update controller (no stop):
+nothing, never changes the folder, reads the meta-test scenarios only with ``--test``, and prints,
+after t forced updates of its learned update controller (no stop):
 
 * ``query hinge``   the mean query hinge loss of meta-train tasks (drawn with a fixed seed, so
                     every t sees the same tasks and negatives): the quantity REINFORCE compares;
@@ -25,14 +25,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 import sys
 from typing import Any, Dict, Sequence
 
 import torch
 
-from s2meta_fast.app import eval_tasks, load_learner, prepare_data
-from s2meta_fast.config import build_config, load_yaml
+from run_folders import load_run
+from s2meta_fast.app import eval_tasks
 from s2meta_fast.data import TaskSampler
 from s2meta_fast.eval.baselines import S2Meta
 from s2meta_fast.eval.protocol import evaluate
@@ -42,12 +41,7 @@ STEPS = (0, 2, 4, 5, 6, 8, 10, 15, 20)
 
 def study(out_dir: str, batches: int = 8, meta_batch: int = 8, draw_seed: int = 123,
           test: bool = False) -> Dict[str, Any]:
-    if not os.path.exists(os.path.join(out_dir, "config.yaml")):
-        raise SystemExit(f"stop_reward: {out_dir} holds no run (no config.yaml)")
-    cfg = build_config(load_yaml(os.path.join(out_dir, "config.yaml")), {"out": out_dir, "quiet": True, "device": "cpu"},
-                       where=out_dir)
-    prepared = prepare_data(cfg)
-    learner = load_learner(cfg, prepared).cpu().eval()
+    cfg, prepared, learner = load_run(out_dir, "stop_reward")
     t_max = cfg.meta.t_max
     steps = [t for t in STEPS if t <= t_max]
     as_trained = learner.config

@@ -39,7 +39,7 @@ log = logging.getLogger("s2meta_fast")
 
 # Table 4: each ablation's options over the study's (the paper's settings: SGD at 0.01, 20 steps).
 # RandInit has no ω_R, so nothing to warm-start: it turns the warm start off whatever the study's.
-ABLATIONS: Dict[str, Dict[str, Any]] = {"randinit": {"init": "random", "warm_start": False},
+ABLATIONS: Dict[str, Dict[str, Any]] = {"randinit": {"init": "random", "warm_start": False, "warm_start_data": "all"},
                                         "fixedlr": {"update": "sgd", "inner_lr": 0.01},
                                         "fixedstep": {"stop": "fixed", "steps": 20}}
 ABLATION_DISPLAY = {"randinit": "RandInit", "fixedlr": "FixedLr", "fixedstep": "FixedStep"}

@@ -127,7 +127,7 @@ def warm_start_omega(cfg: Config, prepared: PreparedData, learner: MetaLearner, 
     if learner.omega is None:
         raise ConfigError("warm_start needs a learned initialisation (init: learned); init: random has no ω_R")
     device = learner.omega.device
-    # rank 0 trains and caches Global; the other ranks then read OUT/global.pt
+    # rank 0 trains and caches the start; the other ranks then read OUT/global.pt (global_source.pt)
     source_only = cfg.train.warm_start_data == "source"
     theta = distributed.writer_first(lambda: global_theta(cfg, prepared, learner.model, device, source_only), group)
     with torch.no_grad():

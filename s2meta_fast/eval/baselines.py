@@ -166,9 +166,10 @@ def train_global(model: Any, user_emb: Tensor, item_emb: Tensor, prepared: Any, 
         groups.append(source)
     groups = [g for g in groups if len(g[0]) > 1]
     if not groups:
-        what = " or ".join(name for name, used in (("meta-train scenario", cfg.use_scenarios),
-                                                    ("source-domain interaction", cfg.use_source)) if used)
-        raise ValueError(f"the Global baseline has no training interactions (no {what or 'data enabled'})")
+        what = [name for name, used in (("meta-train scenario", cfg.use_scenarios),
+                                        ("source-domain interaction", cfg.use_source)) if used]
+        raise ValueError(f"the Global baseline has no training interactions (no {' or '.join(what)})" if what else
+                         "the Global baseline has no training interactions (use_scenarios and use_source both off)")
     pairs = _PairPool(groups, device)
     generator = torch.Generator(device=device)
     generator.manual_seed(int(seed))

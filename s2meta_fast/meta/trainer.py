@@ -165,6 +165,9 @@ class TrainConfig:
         need(self.optimizer in OPTIMIZERS, f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
         need(self.warm_start_data in WARM_START_DATA,
              f"warm_start_data must be one of {WARM_START_DATA}, got {self.warm_start_data!r}")
+        need(self.warm_start or self.warm_start_data == "all",
+             f"warm_start_data {self.warm_start_data!r} has no effect without the warm start (warm_start: true, "
+             f"--warm-start)")
         for name in ("lr_init", "lr_update", "lr_stop", "sgd_lr", "grad_clip"):
             need(getattr(self, name) > 0, f"{name} must be positive, got {getattr(self, name)}")
         for name in ("weight_decay", "sgd_weight_decay"):
