@@ -120,7 +120,7 @@ def test_validating_the_start_changes_no_training_draw(tmp_path):
     plain = make(tmp_path / "a")
     plain.fit(4)
     validated = make(tmp_path / "b", validate_every=2)
-    validated.validate = lambda learner: float(learner.omega.sum())
+    validated.validate = lambda learner: float(learner.omega.detach().sum())
     validated.fit(4)
     assert [r["step"] for r in validated.history] == [0, 2, 4]
     assert_same_state(plain.learner.state_dict(), validated.learner.state_dict())
