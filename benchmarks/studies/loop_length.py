@@ -48,6 +48,8 @@ def scores(out_dir: str, splits: Sequence[str]) -> Dict[str, Any]:
     out: Dict[str, Any] = {}
     for split in splits:
         tasks = eval_tasks(prepared, split, cfg.run.seed)
+        if not tasks:
+            raise SystemExit(f"loop_length: the run in {out_dir} has no {split} scenario to score")
         out[split] = {}
         for cand in candidates:
             fixed = cand != SAMPLE
