@@ -17,20 +17,19 @@ Reported per run folder:
 * ``test``    with ``--test`` only, a diagnostic that enters no choice: meta-test Recall@20 of the
               choice minus that of ``sample`` (which is the run's s²Meta result).
 
-Usage (one intra-op thread; seconds per planted run folder, about a minute on ml100k):
+Usage (one intra-op thread; a few seconds per run folder: one loop per block serves every t):
 
     OMP_NUM_THREADS=1 python benchmarks/studies/loop_length.py runs/planted05-0 runs/planted05-1 ... [--test]
 """
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 from typing import Any, Dict, List, Sequence
 
 import numpy as np
 
-from run_folders import load_run
+from run_folders import fixed_step_results, load_run
 from s2meta_fast.app import eval_tasks
 from s2meta_fast.eval.baselines import S2Meta
 from s2meta_fast.eval.protocol import evaluate
@@ -43,22 +42,18 @@ METRIC = "recall@20"
 def scores(out_dir: str, splits: Sequence[str]) -> Dict[str, Any]:
     """``{split: {candidate: {scenario: (rows, metric sum)}}}`` for the run folder's learner."""
     cfg, prepared, learner = load_run(out_dir, "loop_length")
-    as_trained = learner.config
-    candidates: List[Any] = [SAMPLE] + [t for t in FIXED if t <= as_trained.t_max]
+    candidates: List[Any] = [SAMPLE] + [t for t in FIXED if t <= learner.config.t_max]
     out: Dict[str, Any] = {}
     for split in splits:
         tasks = eval_tasks(prepared, split, cfg.run.seed)
         if not tasks:
             raise SystemExit(f"loop_length: the run in {out_dir} has no {split} scenario to score")
-        out[split] = {}
-        for cand in candidates:
-            fixed = cand != SAMPLE
-            learner.config = dataclasses.replace(as_trained, steps=cand) if fixed else as_trained
-            res = evaluate(S2Meta(learner, stop="fixed" if fixed else cfg.stop_at_evaluation, cuda_graphs=False), tasks,
-                           (20,), seed=cfg.run.seed, block_size=cfg.eval.block_size, max_pairs=cfg.eval.max_pairs,
-                           progress=False)
-            out[split][str(cand)] = {name: (v["count"], v["sums"][METRIC]) for name, v in res["per_scenario"].items()}
-        learner.config = as_trained
+        results = fixed_step_results(cfg, learner, tasks, candidates[1:])   # one loop per block for every t
+        results[SAMPLE] = evaluate(S2Meta(learner, stop=cfg.stop_at_evaluation, cuda_graphs=False), tasks, (20,),
+                                   seed=cfg.run.seed, block_size=cfg.eval.block_size, max_pairs=cfg.eval.max_pairs,
+                                   progress=False)
+        out[split] = {str(cand): {name: (v["count"], v["sums"][METRIC])
+                                  for name, v in results[cand]["per_scenario"].items()} for cand in candidates}
     return out
 
 

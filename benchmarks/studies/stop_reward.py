@@ -30,11 +30,9 @@ from typing import Any, Dict, Sequence
 
 import torch
 
-from run_folders import load_run
+from run_folders import fixed_step_results, load_run
 from s2meta_fast.app import eval_tasks
 from s2meta_fast.data import TaskSampler
-from s2meta_fast.eval.baselines import S2Meta
-from s2meta_fast.eval.protocol import evaluate
 
 STEPS = (0, 2, 4, 5, 6, 8, 10, 15, 20)
 
@@ -67,14 +65,9 @@ def study(out_dir: str, batches: int = 8, meta_batch: int = 8, draw_seed: int = 
     query_t = hinges["train"]
     prob_t = torch.stack(stop_prob).nanmean(0)
 
-    valid = eval_tasks(prepared, "valid", cfg.run.seed)
-    recall: Dict[int, float] = {}
-    for t in steps[1:]:   # "fixed" runs at least one update; t = 0 (ω_R) has no recall row
-        learner.config = dataclasses.replace(as_trained, steps=t)
-        res = evaluate(S2Meta(learner, stop="fixed", cuda_graphs=False), valid, (20,), seed=cfg.run.seed,
-                       block_size=cfg.eval.block_size, max_pairs=cfg.eval.max_pairs, progress=False)
-        recall[t] = 100 * res["metrics"]["recall@20"]
-    learner.config = as_trained
+    # one T_max-step loop per block gives every t; t = 0 (ω_R) has no recall row, as "fixed" runs >= 1 update
+    fixed = fixed_step_results(cfg, learner, eval_tasks(prepared, "valid", cfg.run.seed), steps[1:])
+    recall = {t: 100 * res["metrics"]["recall@20"] for t, res in fixed.items()}
     return {"run": out_dir, "steps": steps, "query_hinge": [float(query_t[t]) for t in steps],
             **{f"{split}_hinge": [float(h[t]) for t in steps] for split, h in hinges.items() if split != "train"},
             "valid_recall@20": [recall.get(t) for t in steps],
