@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from s2meta_fast.errors import RunFolderError
-from s2meta_fast.app.transaction import COMMIT_MARKER, LOCK, STAGING, RunLock, RunTransaction
+from s2meta_fast.app.transaction import COMMIT_MARKER, LOCK, RUN_FILES, STAGING, RunLock, RunTransaction
 
 
 def _write(path, text):
@@ -199,3 +199,13 @@ def test_without_flock_the_pid_in_the_lock_file_decides(tmp_path, monkeypatch):
     _write(str(out / LOCK), json.dumps({"pid": int(dead.stdout), "host": socket.gethostname()}))
     with RunLock(str(out)) as lock:
         assert "no longer running" in lock.took_over
+
+
+def test_a_commit_replaces_every_file_a_run_folder_names():
+    # run_folder names the files a run writes; a commit must know them all, or a new run that does
+    # not write one (a train-only run: no results) leaves the previous run's next to its own.
+    from s2meta_fast.app import run_folder
+    from s2meta_fast.meta.trainer import BEST, LAST
+    named = {run_folder.CONFIG_FILE, run_folder.GLOBAL_FILE, run_folder.GLOBAL_SOURCE_FILE, run_folder.FINETUNE_FILE,
+             run_folder.METHODS_DIR, BEST, LAST, *run_folder.RESULT_FILES, *run_folder.ADAPTATION_FILES}
+    assert named <= set(RUN_FILES)

@@ -111,6 +111,8 @@ class GlobalTrainConfig:
             raise ValueError(f"GlobalTrainConfig.lr must be > 0, got {self.lr}")
         if self.weight_decay < 0:
             raise ValueError(f"GlobalTrainConfig.weight_decay must be >= 0, got {self.weight_decay}")
+        if not (self.use_scenarios or self.use_source):
+            raise ValueError("GlobalTrainConfig: use_scenarios and use_source are both off: nothing to train on")
 
 
 class _PairPool:
@@ -166,10 +168,9 @@ def train_global(model: Any, user_emb: Tensor, item_emb: Tensor, prepared: Any, 
         groups.append(source)
     groups = [g for g in groups if len(g[0]) > 1]
     if not groups:
-        what = [name for name, used in (("meta-train scenario", cfg.use_scenarios),
-                                        ("source-domain interaction", cfg.use_source)) if used]
-        raise ValueError(f"the Global baseline has no training interactions (no {' or '.join(what)})" if what else
-                         "the Global baseline has no training interactions (use_scenarios and use_source both off)")
+        what = " or ".join(name for name, used in (("meta-train scenario", cfg.use_scenarios),
+                                                    ("source-domain interaction", cfg.use_source)) if used)
+        raise ValueError(f"the Global baseline has no training interactions (no {what})")
     pairs = _PairPool(groups, device)
     generator = torch.Generator(device=device)
     generator.manual_seed(int(seed))
