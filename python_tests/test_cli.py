@@ -1,5 +1,4 @@
 """The s2meta CLI end to end on a tiny synthetic ML-20M-format dataset."""
-import dataclasses
 import json
 import os
 
@@ -7,10 +6,6 @@ import pytest
 import torch
 
 from s2meta_fast import cli
-from s2meta_fast.app import stages
-from s2meta_fast.config import load_config
-from s2meta_fast.data import TaskSampler
-from s2meta_fast.errors import DataError
 from s2meta_fast.data.synthetic import write_raw
 from s2meta_fast.meta import trainer as trainer_mod
 
@@ -152,46 +147,6 @@ def test_source_only_warm_start_begins_at_its_own_global(dataset, tmp_path, caps
     assert not torch.equal(baseline, source_theta)   # Global itself still trains on the scenario pairs too
     assert cli.main(["train", *dataset, *TINY, "--warm-start", "--out", run, "--resume"]) == cli.EXIT_USAGE
     assert "warm_start_data ('source' -> 'all')" in capsys.readouterr().err
-
-
-def test_split_warm_start_trains_on_one_half_and_draws_tasks_from_the_other(dataset, tmp_path, monkeypatch):
-    drawn = []
-    train_batch = TaskSampler.train_batch
-
-    def record(self, scenarios, n, *args, **kwargs):
-        drawn.append({s.name for s in scenarios})
-        return train_batch(self, scenarios, n, *args, **kwargs)
-
-    monkeypatch.setattr(TaskSampler, "train_batch", record)
-    out = str(tmp_path / "split")
-    assert cli.main(["train", *dataset, *TINY, "--warm-start", "--warm-start-data", "split", "--out", out]) == 0
-    cfg = load_config(os.path.join(out, "config.yaml"))
-    prepared = stages.prepare_data(cfg)
-    warm, tasks = stages.split_meta_train(cfg, prepared)
-    assert {s.name for s in warm}.isdisjoint(s.name for s in tasks) and len(warm) + len(tasks) == len(prepared.train)
-    assert len(warm) == len(prepared.train) // 2
-    assert drawn and all(names == {s.name for s in tasks} for names in drawn)
-
-    split_theta = trainer_mod.checkpoint.load(os.path.join(out, "global_split.pt"))["theta"]
-    start = str(tmp_path / "start")
-    assert cli.main(["train", *dataset, *TINY, "--warm-start", "--warm-start-data", "split", "--meta-steps", "0",
-                     "--out", start]) == 0
-    assert torch.equal(_omega(os.path.join(start, "checkpoint.pt")), split_theta.to(torch.float32))
-    all_theta = stages.global_theta(cfg, prepared, stages.build_learner(cfg, prepared).model, torch.device("cpu"))
-    assert not torch.equal(all_theta, split_theta)   # the start has not seen the task half
-
-    # another seed halves the scenarios differently
-    other = cfg.replace(seed=cfg.run.seed + 1)
-    assert {s.name for s in stages.split_meta_train(other, prepared)[0]} != {s.name for s in warm}
-    # "half": the same start, tasks from every meta-train scenario
-    drawn.clear()
-    half = str(tmp_path / "half")
-    assert cli.main(["train", *dataset, *TINY, "--warm-start", "--warm-start-data", "half", "--out", half]) == 0
-    assert torch.equal(trainer_mod.checkpoint.load(os.path.join(half, "global_split.pt"))["theta"], split_theta)
-    assert drawn and all(names == {s.name for s in prepared.train} for names in drawn)
-
-    with pytest.raises(DataError, match="warm_start_data: split halves the meta-train scenarios and there is 1"):
-        stages.split_meta_train(cfg, dataclasses.replace(prepared, train=prepared.train[:1]))
 
 
 def test_resume_refuses_changed_settings_and_missing_runs(dataset, tmp_path, capsys):

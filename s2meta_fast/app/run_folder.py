@@ -32,7 +32,6 @@ log = logging.getLogger("s2meta_fast")
 CONFIG_FILE = "config.yaml"
 GLOBAL_FILE = "global.pt"
 GLOBAL_SOURCE_FILE = "global_source.pt"
-GLOBAL_SPLIT_FILE = "global_split.pt"
 FINETUNE_FILE = "finetune.json"
 RESULT_FILES = ("results.json", "results.md")
 ADAPTATION_FILES = ("adaptation.json", "validation_curve.png")
@@ -71,7 +70,7 @@ def check_run_folder(cfg: Config) -> None:
                               f"resume with the same settings or start a new run in another --out")
     else:
         # A fresh run must not pick up a previous run's stages: its baselines used other data.
-        for stale in (GLOBAL_FILE, GLOBAL_SOURCE_FILE, GLOBAL_SPLIT_FILE, FINETUNE_FILE, BEST, LAST):
+        for stale in (GLOBAL_FILE, GLOBAL_SOURCE_FILE, FINETUNE_FILE, BEST, LAST):
             if os.path.exists(os.path.join(out, stale)):
                 os.unlink(os.path.join(out, stale))
         clear_results(out)

@@ -12,7 +12,6 @@ import os
 import time
 from typing import Any, Callable, Dict, List, Mapping, Optional
 
-import numpy as np
 import torch
 
 from .. import _extension
@@ -103,8 +102,7 @@ def train_meta(cfg: Config, prepared: PreparedData, group: Group = SINGLE) -> Me
     if cfg.train.warm_start:
         warm_start_omega(cfg, prepared, learner, group)
     valid = eval_tasks(prepared, "valid", cfg.run.seed)
-    tasks_from = split_meta_train(cfg, prepared)[1] if cfg.train.warm_start_data == "split" else prepared.train
-    trainer = MetaTrainer(learner, TaskSampler(prepared, cfg.run.seed), tasks_from, cfg.train, cfg.run.out,
+    trainer = MetaTrainer(learner, TaskSampler(prepared, cfg.run.seed), prepared.train, cfg.train, cfg.run.out,
                           validate=validation_fn(cfg, valid, group) if valid else None,
                           keep_freed_memory=cfg.run.keep_freed_memory, group=group)
     start = time.perf_counter()
@@ -114,23 +112,9 @@ def train_meta(cfg: Config, prepared: PreparedData, group: Group = SINGLE) -> Me
     return load_learner(cfg, prepared, group=group)
 
 
-def split_meta_train(cfg: Config, prepared: PreparedData) -> tuple:
-    """``warm_start_data: split``'s (and "half"'s) halves of the meta-train scenarios, fixed by the seed:
-    (the half the warm start trains on, the half meta-training draws its tasks from)."""
-    scenarios = prepared.train
-    if len(scenarios) < 2:
-        raise DataError(f"{prepared.name}: warm_start_data: split halves the meta-train scenarios and there is "
-                        f"{len(scenarios)}; use warm_start_data: all")
-    order = np.random.default_rng([cfg.run.seed, 0x5917]).permutation(len(scenarios))
-    half = len(scenarios) // 2
-    return [scenarios[i] for i in sorted(order[:half])], [scenarios[i] for i in sorted(order[half:])]
-
-
 def warm_start_omega(cfg: Config, prepared: PreparedData, learner: MetaLearner, group: Group = SINGLE) -> None:
     """ω_R := the Global baseline's θ (OUT/global.pt, trained here if missing) before meta-training,
-    or under ``warm_start_data: source`` the same training on the source domain alone, or under
-    ``warm_start_data: split`` or ``half`` on the source domain and one half of the meta-train
-    scenarios (under "split" meta-training then draws its tasks from the other half only).
+    or under ``warm_start_data: source`` the same training on the source domain alone.
 
     A departure from the paper, whose ω_R starts at a random init and learns only from
     meta-train scenario tasks: Global also trains on every source-domain interaction, so the
@@ -143,9 +127,9 @@ def warm_start_omega(cfg: Config, prepared: PreparedData, learner: MetaLearner, 
     if learner.omega is None:
         raise ConfigError("warm_start needs a learned initialisation (init: learned); init: random has no ω_R")
     device = learner.omega.device
-    # rank 0 trains and caches the start; the other ranks then read OUT/global.pt (global_source.pt, ...)
-    data = cfg.train.warm_start_data
-    theta = distributed.writer_first(lambda: global_theta(cfg, prepared, learner.model, device, data), group)
+    # rank 0 trains and caches the start; the other ranks then read OUT/global.pt (global_source.pt)
+    source_only = cfg.train.warm_start_data == "source"
+    theta = distributed.writer_first(lambda: global_theta(cfg, prepared, learner.model, device, source_only), group)
     with torch.no_grad():
         learner.omega.copy_(theta.to(device=device, dtype=learner.omega.dtype))
 
@@ -200,21 +184,16 @@ def _global_key(cfg: Config) -> Dict[str, Any]:
 
 
 def global_theta(cfg: Config, prepared: PreparedData, model: FlatRecommender, device: torch.device,
-                 data: str = "all") -> torch.Tensor:
-    """The Global baseline's θ, trained once per run folder and settings (OUT/global.pt); the
-    warm starts of the other ``warm_start_data`` choices are the same training on other data:
-    "source", the source-domain interactions alone (OUT/global_source.pt); "split", those and the
-    first half of :func:`split_meta_train` (OUT/global_split.pt), as "half"."""
-    name = {"all": run_folder.GLOBAL_FILE, "source": run_folder.GLOBAL_SOURCE_FILE,
-            "split": run_folder.GLOBAL_SPLIT_FILE, "half": run_folder.GLOBAL_SPLIT_FILE}[data]
+                 source_only: bool = False) -> torch.Tensor:
+    """The Global baseline's θ, trained once per run folder and settings (OUT/global.pt); with
+    `source_only`, the same training on the source-domain interactions alone
+    (OUT/global_source.pt: the warm start of ``warm_start_data: source``)."""
+    name = run_folder.GLOBAL_SOURCE_FILE if source_only else run_folder.GLOBAL_FILE
     path = os.path.join(cfg.run.out, name)
-    key = _global_key(cfg) if data == "all" else dict(_global_key(cfg), scenarios={"source": False, "split": "half", "half": "half"}[data])
-    source_only = data == "source"
+    key = dict(_global_key(cfg), scenarios=False) if source_only else _global_key(cfg)
     if source_only and len(prepared.source_users) == 0:
         raise DataError(f"{prepared.name}: warm_start_data: source needs source-domain interactions and this "
                         f"dataset has none; use warm_start_data: all")
-    if data in ("split", "half"):
-        prepared = dataclasses.replace(prepared, train=split_meta_train(cfg, prepared)[0])
     if os.path.exists(path):
         try:
             stored = checkpoints.load(path, map_location=device)
@@ -229,9 +208,8 @@ def global_theta(cfg: Config, prepared: PreparedData, model: FlatRecommender, de
     start = time.perf_counter()
     theta = train_global(model, prepared.user_emb.to(device), prepared.item_emb.to(device), prepared, gcfg,
                          seed=cfg.run.seed, progress=not cfg.run.quiet)
-    what = {"all": "global", "source": "global (source domain only)", "split": "global (half the meta-train scenarios)",
-            "half": "global (half the meta-train scenarios)"}
-    log.info("%s: trained %d steps in %.1f s", what[data], gcfg.steps, time.perf_counter() - start)
+    log.info("%s: trained %d steps in %.1f s", "global (source domain only)" if source_only else "global", gcfg.steps,
+             time.perf_counter() - start)
     checkpoints.save_atomic({"theta": theta.cpu(), "key": key}, path)
     return theta
 

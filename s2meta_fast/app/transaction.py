@@ -45,7 +45,7 @@ CARRIED = ".carried"     # in a staging area that holds only a copy of the commi
 # The files and folders a run produces; a commit replaces exactly these (and checkpoint*.pt).
 # (run_folder names each; a test keeps the two in step, since run_folder imports this module.)
 RUN_FILES = ("config.yaml", "results.json", "results.md", "adaptation.json", "validation_curve.png", "global.pt",
-             "global_source.pt", "global_split.pt", "finetune.json", "best.pt", "checkpoint.pt", "methods")
+             "global_source.pt", "finetune.json", "best.pt", "checkpoint.pt", "methods")
 
 
 def _is_run_file(name: str) -> bool:

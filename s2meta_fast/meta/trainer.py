@@ -24,7 +24,7 @@ from .learner import MetaLearner
 log = logging.getLogger(__name__)
 
 OPTIMIZERS = ("adam", "sgd")
-WARM_START_DATA = ("all", "source", "split", "half")
+WARM_START_DATA = ("all", "source")
 LAST = "checkpoint.pt"
 BEST = "best.pt"
 # The layout of a checkpoint's state; bump when a key or its meaning changes. Format 1 held one
@@ -128,11 +128,7 @@ class TrainConfig:
         warm_start_data: what the warm start's θ is trained on: "all" (the Global baseline's θ
             itself) or "source" (the same recommender and Global settings on the source-domain
             interactions alone, so that ω_R starts without having seen the meta-train scenarios'
-            pairs, from which the meta-train tasks' queries are drawn) or "split" (the meta-train
-            scenarios halved, fixed by the seed: the warm start trains on the source domain and
-            one half, meta-training draws its tasks from the other half only, so that its tasks
-            are scenarios the start has not seen, as a new scenario is) or "half" (the same start;
-            meta-training draws its tasks from all meta-train scenarios, half of them unseen).
+            pairs, from which the meta-train tasks' queries are drawn).
     """
 
     model: str = "interaction"
