@@ -3,6 +3,7 @@ import importlib.util
 import csv
 import gzip
 import os
+import warnings
 
 import numpy as np
 import pytest
@@ -65,6 +66,17 @@ def test_amazon_meta_python_literals(synthetic_dirs):
         first = fh.readline()
     assert first.startswith("{'asin': ")   # single-quoted: not JSON
     assert all(isinstance(p, list) and p[0] == "Beauty" for cats in meta.values() for p in cats if p[0] != "Books")
+
+
+def test_amazon_meta_backslashes_read_without_warnings(tmp_path):
+    # real descriptions hold "\d", "\&": invalid escapes to Python, which literal_eval warns about
+    path = tmp_path / "meta_Beauty.json"
+    path.write_text("{'asin': 'B1', 'description': 'size 3\\d \\& more', 'categories': [['Beauty', 'Nails\\y']]}\n"
+                    "{'asin': 'B2', 'title': 'a \\q', 'categories': [['Beauty']]}\n")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        meta = read_meta(str(path))
+    assert meta == {"B1": [["Beauty", "Nails\\y"]], "B2": [["Beauty"]]}
 
 
 def test_amazon_split_override(synthetic_dirs):

@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import re
+import warnings
 import zlib
 
 import numpy as np
@@ -45,6 +46,19 @@ def normalise_category(name: str) -> str:
 # deeper than the parser's stack.
 _LITERAL_ERRORS = (ValueError, SyntaxError, TypeError, MemoryError, RecursionError)
 
+
+
+def _literal(text: str):
+    """ast.literal_eval without its warnings: the metadata's free text (titles, descriptions)
+    holds backslashes that Python reads as invalid escapes, and literal_eval warns about each
+    file position once (a DeprecationWarning, a SyntaxWarning from Python 3.12) though the value
+    it returns is right; a loader must not print that on a user's terminal."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", SyntaxWarning)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return ast.literal_eval(text)
+
+
 _ASIN = re.compile(r"""['"]asin['"]\s*:\s*['"]([^'"]+)['"]""")
 _CATS = re.compile(r"""['"]categories['"]\s*:\s*(\[\[.*?\]\])""")
 
@@ -55,13 +69,13 @@ def _parse_meta_line(line: str, path: str, lineno: int):
     m_a, m_c = _ASIN.search(line), _CATS.search(line)
     if m_a is not None and m_c is not None:
         try:
-            cats = ast.literal_eval(m_c.group(1))
+            cats = _literal(m_c.group(1))
             if isinstance(cats, list) and all(isinstance(p, list) for p in cats):
                 return m_a.group(1), cats
         except _LITERAL_ERRORS:
             pass
     try:
-        obj = ast.literal_eval(line)
+        obj = _literal(line)
     except _LITERAL_ERRORS:
         try:
             obj = json.loads(line)
