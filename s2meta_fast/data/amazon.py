@@ -47,7 +47,6 @@ def normalise_category(name: str) -> str:
 _LITERAL_ERRORS = (ValueError, SyntaxError, TypeError, MemoryError, RecursionError)
 
 
-
 def _literal(text: str):
     """ast.literal_eval without its warnings: the metadata's free text (titles, descriptions)
     holds backslashes that Python reads as invalid escapes, and literal_eval warns about each
